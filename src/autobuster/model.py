@@ -1,0 +1,66 @@
+"""Loading the policy: a Qwen2.5-VL directory or hub id, bf16 or 4-bit NF4, an optional peft adapter; and
+turning clips into model inputs (one video per clip, 4 fps metadata)."""
+import numpy as np
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoProcessor, BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+
+from .errors import UserError
+from .profiles import FRAMES, SAMPLE_FPS
+from .prompt import messages
+from .video import MIN_PIXELS
+
+MIN_TRANSFORMERS = "5.18"
+
+
+def check_transformers() -> None:
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise UserError(f"transformers {transformers.__version__} is too old: versions before {MIN_TRANSFORMERS} "
+                        "give every frame the same temporal position at 4 fps; run `uv sync` to get the pinned one")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(path: str, adapter: str | None = None, four_bit: bool = False, device: torch.device | None = None):
+    """(model, processor). bf16 on GPU, fp32 on CPU; 4-bit keeps the vision tower and lm_head unquantised."""
+    check_transformers()
+    device = device or default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quant = None
+    if four_bit:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["visual", "lm_head"])
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, quantization_config=quant, use_safetensors=True, device_map={"": device})
+        processor = AutoProcessor.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"cannot load the model {path!r}: {e}".splitlines()[0]) from None
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+        if not four_bit:
+            model = model.merge_and_unload()  # plain weights decode faster
+    model.eval()
+    return model, processor
+
+
+def unwrap(model):
+    """The Qwen2_5_VLForConditionalGeneration under a peft wrapper (LoRA layers stay live inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def chat_text(processor) -> str:
+    return processor.apply_chat_template(messages(), add_generation_prompt=True, tokenize=False)
+
+
+def encode(processor, clips: list[np.ndarray], pixel_cap: int, text: str | None = None):
+    """A left-padded batch for clips of uint8 [16, H, W, 3] frames, each passed as ONE video at 4 fps."""
+    text = text or chat_text(processor)
+    return processor(text=[text] * len(clips), videos=list(clips), padding=True, padding_side="left",
+                     video_metadata=[{"fps": SAMPLE_FPS, "total_num_frames": FRAMES}] * len(clips),
+                     do_sample_frames=False, cap_pixels_per_frame=False, size={"shortest_edge": MIN_PIXELS, "longest_edge": pixel_cap},
+                     return_tensors="pt")

@@ -1,0 +1,98 @@
+"""The two profiles, the data layout under $AUTOBUSTER_HOME, and the record of which profile is active.
+
+prepare.py chooses the profile once and writes `active.json`; every later command reads it with `active()`.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+FRAMES = 16  # frames per clip
+SAMPLE_FPS = 4.0  # sampling rate: 16 frames cover 4 s
+GENBUSTER_REPO = "l8cv/GenBuster-200K-mini"
+
+
+def home() -> Path:
+    return Path(os.environ.get("AUTOBUSTER_HOME", "~/.cache/autobuster")).expanduser()
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    model: str  # base model: hub id or local directory ("" = the tiny model built by prepare)
+    pixel_cap: int  # max pixels per frame after smart resize (448² -> 2,048 video tokens for 16 frames)
+    time_budget: int  # training seconds per experiment (rollouts + updates)
+    val_size: int  # pinned val set, drawn from test
+    holdout_size: int  # pinned holdout set, drawn from benchmark (unseen generators)
+    eval_batch: int  # clips per batched greedy evaluation
+    eval_max_new_tokens: int  # evaluation decoding length
+    cache_train: bool  # decode train clips to disk once (needs ~9.6 MB per clip at 448²)
+    needs_cuda: bool
+
+
+PROFILES = {
+    "genbuster": Profile("genbuster", "Qwen/Qwen2.5-VL-7B-Instruct", 448 * 448, 20 * 60, 400, 400, 16, 1024,
+                         cache_train=False, needs_cuda=True),
+    "tiny": Profile("tiny", "", 56 * 56, 240, 160, 120, 64, 64, cache_train=True, needs_cuda=False),
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where one prepared dataset lives, and the profile it was prepared with."""
+    profile: str
+    root: str  # this dataset's directory under $AUTOBUSTER_HOME (manifest, eval sets, frame cache)
+    source: str  # the folder holding the videos; manifest paths are relative to it
+    model: str  # base model: a local directory or a hub id
+
+    @property
+    def settings(self) -> Profile:
+        return PROFILES[self.profile]
+
+    def path(self, *parts) -> Path:
+        return Path(self.root, *parts)
+
+    @property
+    def manifest(self) -> Path:
+        return self.path("manifest.parquet")
+
+    @property
+    def videos(self) -> Path:
+        return Path(self.source)
+
+    @property
+    def frames(self) -> Path:
+        return self.path("frames", str(self.settings.pixel_cap))
+
+    def eval_set(self, name: str) -> Path:
+        return self.path("eval", f"{name}.json")
+
+
+    def check_device(self) -> None:
+        import torch
+        if self.settings.needs_cuda and not torch.cuda.is_available():
+            raise UserError(f"the {self.profile} profile needs a CUDA GPU and none is visible; "
+                            "on a CPU machine use `uv run prepare.py --profile tiny`")
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise UserError(f"unknown profile {name!r}: use one of {', '.join(PROFILES)}")
+    return PROFILES[name]
+
+
+def save_active(setup: Setup) -> None:
+    home().mkdir(parents=True, exist_ok=True)
+    tmp = home() / "active.json.tmp"
+    tmp.write_text(json.dumps(asdict(setup), indent=2))
+    tmp.replace(home() / "active.json")
+
+
+def active() -> Setup:
+    f = home() / "active.json"
+    if not f.exists():
+        raise UserError(f"no prepared dataset under {home()}: run `uv run prepare.py --profile tiny` "
+                        "(offline, CPU) or `uv run prepare.py` (GenBuster-200K-mini, GPU) first")
+    return Setup(**json.loads(f.read_text()))

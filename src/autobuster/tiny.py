@@ -1,0 +1,169 @@
+"""The tiny Qwen2.5-VL: real patch / merge / window / temporal settings at tiny widths, a locally trained
+byte-level BPE tokenizer with Qwen's special tokens and chat template, and the standard processors.
+
+Saved as an ordinary Hugging Face model directory, so every loader treats it like a real checkpoint."""
+from pathlib import Path
+
+import torch
+import json
+
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                          Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+from .prompt import PROMPT
+from .video import MIN_PIXELS
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+           "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+           "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen2-VL / Qwen2.5-VL chat template (the video goes in as <|vision_start|><|video_pad|><|vision_end|>).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Short reasoning lines the warm start teaches; the BPE merges them into few tokens.
+THOUGHTS = [
+    "let me think about the motion in the video",
+    "hmm, the lighting and the colours look steady",
+    "wait, let me check the texture of the frames",
+    "oh, I see, the objects move smoothly",
+    "let's break it down: colour, texture, motion",
+    "hmm, let me look at the edges and the shading",
+    "wait, do the frames change consistently over time",
+    "let me think, the scene looks natural at first glance",
+]
+
+
+def build_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level BPE in Qwen's pre-tokenisation, trained here on the prompt and the answer format."""
+    corpus = [PROMPT, "You are a helpful assistant.", "system", "user", "assistant", "real", "fake"]
+    corpus += [f"<think>{t}</think><answer>{x}</answer>" for t in THOUGHTS for x in "AB"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(corpus * 4, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                         additional_special_tokens=SPECIAL, model_max_length=32768)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def build_processor(tokenizer, pixel_cap: int) -> Qwen2_5_VLProcessor:
+    """The standard Qwen2.5-VL processors; the video cap equals the frame cache's, so frames pass unresized."""
+    image = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=pixel_cap)
+    video = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=pixel_cap)
+    return Qwen2_5_VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                               chat_template=CHAT_TEMPLATE)
+
+
+def build_model(tokenizer, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1], tokens_per_second=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).float()
+
+
+def build(out: Path, pixel_cap: int) -> None:
+    """Write the untrained tiny model directory (model, tokenizer, processor, generation config)."""
+    tok = build_tokenizer()
+    model = build_model(tok)
+    ids = tok.convert_tokens_to_ids
+    model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+    model.generation_config.pad_token_id = ids("<|endoftext|>")
+    model.save_pretrained(out)
+    build_processor(tok, pixel_cap).save_pretrained(out)
+
+
+def letter_pair(tokenizer, reply: str) -> tuple[int, int, int]:
+    """(position, id with A, id with B) of the token carrying the answer letter in `reply` (written with A).
+
+    With byte-level BPE the letter may merge with its neighbours ('>A'); the B form is the same token with the
+    letter swapped."""
+    ids = tokenizer(reply, add_special_tokens=False).input_ids
+    for pos, i in enumerate(ids):
+        tok = tokenizer.convert_ids_to_tokens(i)
+        if tok.endswith("A") and "answer" not in tok:
+            b = tokenizer.convert_tokens_to_ids(tok[:-1] + "B")
+            if b is not None and b != tokenizer.unk_token_id:
+                return pos, i, b
+    raise ValueError(f"no answer letter token in {reply!r}")
+
+
+def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 2e-3, supervised: bool = False,
+               log=print) -> None:
+    """Teach the format without the task, in place: `<think>{a stock thought}</think><answer>X</answer>`.
+
+    The letter is never a label (unless `supervised`, which measures the ceiling). At the letter position the
+    loss asks only for "A or B" (maximise P(A) + P(B)) plus a batch-level balance of P(A) around 0.5; cross-
+    entropy on random letters would instead flatten P(A) to 0.5 for every video and erase the video pathway."""
+    from . import engine
+    from .model import encode, load
+    model, processor = load(str(model_dir), device=torch.device("cpu"))
+    tok = processor.tokenizer
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    rng = torch.Generator().manual_seed(0)
+    cap = processor.video_processor.size["longest_edge"]
+    for step in range(steps):
+        rows = clips.batch(batch)
+        thoughts = [THOUGHTS[i] for i in torch.randint(len(THOUGHTS), (batch,), generator=rng)]
+        letters = [("A", "B")[r["label"] == "fake"] if supervised else "A" for r, _ in rows]
+        replies = [f"<think>{t}</think><answer>{x}</answer>" for t, x in zip(thoughts, letters)]
+        targets = tok([r + tok.eos_token for r in replies], add_special_tokens=False, padding=True,
+                      padding_side="right", return_tensors="pt")
+        mask = targets.attention_mask.float()
+        prompts = encode(processor, [f for _, f in rows], cap)
+        lp = engine.token_logprobs(model, prompts, targets.input_ids)
+        if supervised:
+            loss = -(lp * mask).sum() / mask.sum()
+        else:
+            pos, a, b = zip(*(letter_pair(tok, r) for r in replies))
+            swapped = targets.input_ids.clone()
+            swapped[torch.arange(batch), torch.tensor(pos)] = torch.tensor(b)
+            lp_b = engine.token_logprobs(model, prompts, swapped)
+            at = torch.arange(batch), torch.tensor(pos)
+            either = torch.logaddexp(lp[at], lp_b[at])  # log(P(A) + P(B)) at the letter
+            p_a = torch.sigmoid(lp[at] - lp_b[at])
+            mask[at] = 0
+            loss = -(lp * mask).sum() / mask.sum() - either.mean() + 4.0 * (p_a.mean() - 0.5) ** 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"warm start step {step:4d}  loss {loss.item():.4f}")
+    model.eval()
+    model.save_pretrained(model_dir)
