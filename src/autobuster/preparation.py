@@ -7,7 +7,7 @@ from pathlib import Path
 from . import dataset, synthetic, tiny
 from .profiles import Setup, get_profile, home, save_active
 
-WARM_START_STEPS = 400  # ~1 minute on 2 CPU cores
+WARM_START_STEPS = 800  # ~2 minutes on 2 CPU cores
 
 
 def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, model: str | None = None) -> Setup:

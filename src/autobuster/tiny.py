@@ -108,28 +108,32 @@ def build(out: Path, pixel_cap: int) -> None:
     build_processor(tok, pixel_cap).save_pretrained(out)
 
 
-def letter_pair(tokenizer, reply: str) -> tuple[int, int, int]:
-    """(position, id with A, id with B) of the token carrying the answer letter in `reply` (written with A).
-
-    With byte-level BPE the letter may merge with its neighbours ('>A'); the B form is the same token with the
-    letter swapped."""
-    ids = tokenizer(reply, add_special_tokens=False).input_ids
+def letter_position(tokenizer, ids: list[int]) -> int:
+    """Index of the token carrying the answer letter; with byte-level BPE it may merge with its neighbours
+    ('>A'), so it is found as the first token ending in A or B that is not part of a tag name."""
     for pos, i in enumerate(ids):
         tok = tokenizer.convert_ids_to_tokens(i)
-        if tok.endswith("A") and "answer" not in tok:
-            b = tokenizer.convert_tokens_to_ids(tok[:-1] + "B")
-            if b is not None and b != tokenizer.unk_token_id:
-                return pos, i, b
-    raise ValueError(f"no answer letter token in {reply!r}")
+        if tok[-1:] in ("A", "B") and "answer" not in tok and "think" not in tok:
+            return pos
+    raise ValueError("no answer letter token")
+
+
+def opinion(frames: list, direction: torch.Tensor) -> torch.Tensor:
+    """A label-free opinion per clip: which side of the batch median a fixed random projection of the clip's
+    mean 4x4 colour layout falls on (True = A). Half the batch gets each letter."""
+    x = torch.stack([torch.from_numpy(f).float().mean(0) for f in frames]).permute(0, 3, 1, 2)
+    score = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1) @ direction
+    return score < score.median()
 
 
 def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 2e-3, supervised: bool = False,
                log=print) -> None:
     """Teach the format without the task, in place: `<think>{a stock thought}</think><answer>X</answer>`.
 
-    The letter is never a label (unless `supervised`, which measures the ceiling). At the letter position the
-    loss asks only for "A or B" (maximise P(A) + P(B)) plus a batch-level balance of P(A) around 0.5; cross-
-    entropy on random letters would instead flatten P(A) to 0.5 for every video and erase the video pathway."""
+    The letter never comes from the label (unless `supervised`, which measures the ceiling): it comes from a
+    label-free "opinion" about the video, learnt softly (P = 0.75), so the model writes A for about half the
+    clips, depends on the video, and still samples both letters. Cross-entropy on random letters would
+    instead flatten P(A) to 0.5 for every video and erase the video pathway."""
     from . import engine
     from .model import encode, load
     model, processor = load(str(model_dir), device=torch.device("cpu"))
@@ -137,29 +141,36 @@ def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng = torch.Generator().manual_seed(0)
+    direction = torch.randn(48, generator=rng)
     cap = processor.video_processor.size["longest_edge"]
+
+    def targets(replies):
+        t = tok([r + tok.eos_token for r in replies], add_special_tokens=False, padding=True, padding_side="right",
+                return_tensors="pt")
+        return t.input_ids, t.attention_mask.float()
+
     for step in range(steps):
         rows = clips.batch(batch)
         thoughts = [THOUGHTS[i] for i in torch.randint(len(THOUGHTS), (batch,), generator=rng)]
-        letters = [("A", "B")[r["label"] == "fake"] if supervised else "A" for r, _ in rows]
-        replies = [f"<think>{t}</think><answer>{x}</answer>" for t, x in zip(thoughts, letters)]
-        targets = tok([r + tok.eos_token for r in replies], add_special_tokens=False, padding=True,
-                      padding_side="right", return_tensors="pt")
-        mask = targets.attention_mask.float()
         prompts = encode(processor, [f for _, f in rows], cap)
-        lp = engine.token_logprobs(model, prompts, targets.input_ids)
         if supervised:
-            loss = -(lp * mask).sum() / mask.sum()
+            ids, mask = targets([f"<think>{t}</think><answer>{'AB'[r['label'] == 'fake']}</answer>"
+                                 for t, (r, _) in zip(thoughts, rows)])
+            loss = -(engine.token_logprobs(model, prompts, ids) * mask).sum() / mask.sum()
         else:
-            pos, a, b = zip(*(letter_pair(tok, r) for r in replies))
-            swapped = targets.input_ids.clone()
-            swapped[torch.arange(batch), torch.tensor(pos)] = torch.tensor(b)
-            lp_b = engine.token_logprobs(model, prompts, swapped)
-            at = torch.arange(batch), torch.tensor(pos)
-            either = torch.logaddexp(lp[at], lp_b[at])  # log(P(A) + P(B)) at the letter
-            p_a = torch.sigmoid(lp[at] - lp_b[at])
+            # score each reply with A and with B: the tokens after the letter learn both continuations
+            ids_a, mask = targets([f"<think>{t}</think><answer>A</answer>" for t in thoughts])
+            ids_b, _ = targets([f"<think>{t}</think><answer>B</answer>" for t in thoughts])
+            at = torch.arange(batch), torch.tensor([letter_position(tok, r.tolist()) for r in ids_a])
+            lp_a = engine.token_logprobs(model, prompts, ids_a)
+            lp_b = engine.token_logprobs(model, prompts, ids_b)
+            either = torch.logaddexp(lp_a[at], lp_b[at])  # log(P(A) + P(B)) at the letter
+            q = 0.25 + 0.5 * opinion([f for _, f in rows], direction).float()  # target P(A | A or B)
+            margin = lp_a[at] - lp_b[at]
+            letter = -(q * torch.nn.functional.logsigmoid(margin) + (1 - q) * torch.nn.functional.logsigmoid(-margin))
             mask[at] = 0
-            loss = -(lp * mask).sum() / mask.sum() - either.mean() + 4.0 * (p_a.mean() - 0.5) ** 2
+            text = ((lp_a + lp_b) / 2 * mask).sum() / mask.sum()
+            loss = -text - either.mean() + letter.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

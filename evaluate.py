@@ -1,0 +1,46 @@
+"""The fixed evaluation.
+
+  uv run evaluate.py [--model DIR|HUB_ID] [--adapter DIR] [--split val|holdout|test|benchmark] [--limit N]
+  uv run evaluate.py PATH        (a video file or a folder of videos: reasoning, verdict and P(fake) each)
+
+Writes metrics.json, predictions.jsonl and confusion.png to --out; the headline line starts with `f1:`."""
+import argparse
+import time
+from pathlib import Path
+
+from autobuster.cli import guarded
+
+
+def main(a):
+    from autobuster import evaluation
+    from autobuster.errors import UserError
+    from autobuster.model import load
+    from autobuster.profiles import active
+    setup = active()
+    setup.check_device()
+    model, processor = load(a.model or setup.model, a.adapter, four_bit=a.four_bit)
+    if a.path:
+        p = Path(a.path)
+        if not p.exists():
+            raise UserError(f"{p} does not exist: give a video file or a folder of videos")
+        paths = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+        return evaluation.evaluate_videos(model, processor, setup, paths)
+    t0 = time.time()
+    m, preds = evaluation.evaluate_model(model, processor, setup, a.split, a.limit)
+    m.update(model=a.model or setup.model, adapter=a.adapter, seconds=round(time.time() - t0, 1))
+    out = Path(a.out or f"runs/eval-{a.split}-{time.strftime('%Y%m%d-%H%M%S')}")
+    evaluation.write(out, m, preds)
+    print(evaluation.report(m))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("path", nargs="?", help="a video file or folder to score instead of a split")
+    p.add_argument("--model", help="base model directory or hub id (default: the prepared profile's)")
+    p.add_argument("--adapter", help="a peft LoRA adapter directory")
+    p.add_argument("--split", default="val", help="val (default), holdout, test or benchmark")
+    p.add_argument("--limit", type=int, help="score only the first N clips")
+    p.add_argument("--out", help="output folder (default runs/eval-<split>-<time>)")
+    p.add_argument("--four-bit", action="store_true", help="load the base weights in 4-bit NF4")
+    guarded(main, p.parse_args())

@@ -1,0 +1,264 @@
+"""One DAPO experiment: LoRA on Qwen2.5-VL, rewarded for telling real video from generated video.
+
+This is the file the agent edits. Everything that defines the score (data, frames, prompt, evaluation) is
+fixed and lives in prepare.py / evaluate.py / src/autobuster; everything about training is here, top to
+bottom: constants, rewards, advantages, loss, the loop, the summary.
+
+Run: uv run train_dapo.py   (after `uv run prepare.py`; the loop runs it as `uv run autobuster run "..."`)
+"""
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from autobuster import dataset, engine, evaluation
+from autobuster.cli import guarded
+from autobuster.model import encode, load
+from autobuster.profiles import active
+from autobuster.prompt import is_well_formed, parse_answer
+
+SETUP = guarded(active)  # the profile prepare.py recorded: data, base model, time budget
+TINY = SETUP.profile == "tiny"  # the tiny CPU model needs far larger steps than LoRA on a 7B model
+
+# ---------------------------------------------------------------- constants (edit these)
+BASE_MODEL = SETUP.model  # any local Qwen2.5-VL directory or hub id (e.g. BusterX++ weights)
+FOUR_BIT = False  # QLoRA: NF4 base weights, bf16 LoRA
+LORA_RANK = 16
+LORA_ALPHA = 32
+LORA_DROPOUT = 0.0  # dropout would make the importance ratio noisy
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj") + (("gate_proj", "up_proj", "down_proj") if TINY else ())
+LEARNING_RATE = 2e-3 if TINY else 1e-5
+WARMUP = 0.05  # share of the time budget with a linear learning-rate warm-up
+WEIGHT_DECAY = 0.0
+GRAD_CLIP = 1.0
+GROUP_SIZE = 8  # G completions per prompt
+PROMPTS_PER_STEP = 8  # groups per rollout batch (half real, half fake clips are drawn)
+MAX_NEW_TOKENS = 48 if TINY else 750
+OVERLONG_WINDOW = 16 if TINY else 150  # soft overlong penalty ramps from max - window to max
+TEMPERATURE = 1.0  # sampling temperature; log-probs are divided by the same value
+CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # DAPO's decoupled clip range
+UPDATES_PER_BATCH = 1  # optimizer steps per rollout batch; > 1 adds one no-grad old-log-prob pass
+DYNAMIC_SAMPLING = True  # drop groups whose samples are all right or all wrong, draw more prompts
+MAX_DRAWS = 4  # prompt draws per step before going on with fewer groups
+MALFORMED_IN_LOSS = False  # False: malformed or truncated replies score -1 but stay out of the loss
+MICRO_BATCH_ROWS = 64 if TINY else 8  # completions per forward/backward
+GRADIENT_CHECKPOINTING = not TINY
+TIME_BUDGET = SETUP.settings.time_budget  # seconds of rollouts + updates; fixed per profile by prepare.py
+SEED = 0
+RUN_DIR = Path(os.environ.get("AUTOBUSTER_RUN_DIR") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+# ---------------------------------------------------------------- rewards
+
+
+def format_reward(reply: str) -> float:
+    """0 for exactly <think>...</think><answer>A|B</answer>, -1 otherwise."""
+    return 0.0 if is_well_formed(reply) else -1.0
+
+
+def accuracy_reward(reply: str, label: str) -> float:
+    return 1.0 if parse_answer(reply) == label else 0.0
+
+
+def overlong_reward(length: int, max_len: int = MAX_NEW_TOKENS, window: int = OVERLONG_WINDOW) -> float:
+    """0 up to max - window, then linear down to -1 at max, -1 beyond."""
+    if length <= max_len - window:
+        return 0.0
+    return max(-1.0, (max_len - window - length) / window)
+
+
+# ---------------------------------------------------------------- DAPO pieces
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(r - group mean) / (unbiased group std + eps) for rewards [groups, G]; equal rewards give 0."""
+    mean = rewards.mean(1, keepdim=True)
+    std = rewards.std(1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(mean)
+    return (rewards - mean) / (std + eps)
+
+
+def keep_group(correct: list[float]) -> bool:
+    """Dynamic sampling: a group teaches something only if its samples differ in correctness."""
+    return len(set(correct)) > 1
+
+
+def dapo_loss(logp, old_logp, adv, mask, n_tokens):
+    """Clipped surrogate per token, summed over valid tokens, divided by the mini-batch's token count
+    (pass the same n_tokens to every micro-batch so the sum of their losses is the mini-batch loss)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv.unsqueeze(1)
+    per_token = -torch.min(ratio * a, ratio.clamp(1 - CLIP_LOW, 1 + CLIP_HIGH) * a)
+    loss = (per_token * mask).sum() / n_tokens
+    clip_low = ((ratio < 1 - CLIP_LOW) & (a < 0) & (mask > 0)).sum()
+    clip_high = ((ratio > 1 + CLIP_HIGH) & (a > 0) & (mask > 0)).sum()
+    return loss, clip_low, clip_high
+
+
+# ---------------------------------------------------------------- rollouts
+
+
+def rollout(model, processor, clips, stats):
+    """Groups for one step: sample G replies per clip, score them, keep groups with mixed correctness."""
+    groups, draws = [], 0
+    while len(groups) < PROMPTS_PER_STEP and draws < MAX_DRAWS:
+        need = PROMPTS_PER_STEP - len(groups)
+        drawn = clips.batch(need + need % 2)  # balanced: half real, half fake
+        draws += 1
+        t0 = time.time()
+        done = engine.generate(model, processor, encode(processor, [f for _, f in drawn], SETUP.settings.pixel_cap),
+                               num_samples=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE)
+        stats["rollout_seconds"] += time.time() - t0
+        stats["rollout_tokens"] += int(done.lengths.sum())
+        for i, (row, frames) in enumerate(drawn):
+            rows = slice(i * GROUP_SIZE, (i + 1) * GROUP_SIZE)
+            texts, lengths = done.texts[rows], done.lengths[rows].tolist()
+            correct = [accuracy_reward(t, row["label"]) for t in texts]
+            well_formed = [format_reward(t) == 0 and not tr for t, tr in zip(texts, done.truncated[rows].tolist())]
+            rewards = [c + format_reward(t) + overlong_reward(n) for c, t, n in zip(correct, texts, lengths)]
+            stats["seen"].append(dict(correct=correct, well_formed=well_formed, rewards=rewards, lengths=lengths,
+                                      truncated=done.truncated[rows].tolist()))
+            if (keep_group(correct) or not DYNAMIC_SAMPLING) and len(groups) < PROMPTS_PER_STEP:
+                groups.append(dict(frames=frames, ids=done.ids[rows], mask=done.mask[rows],
+                                   rewards=rewards, well_formed=well_formed))
+    stats["draws"] = draws
+    if len(groups) < PROMPTS_PER_STEP:
+        print(f"warning: dynamic sampling gave up after {draws} draws with {len(groups)}/{PROMPTS_PER_STEP} groups")
+    return groups
+
+
+def collate(processor, groups):
+    """Prompt batch repeated G times, completions padded to one length, advantages and the loss mask."""
+    prompts = engine.repeat_rows(encode(processor, [g["frames"] for g in groups], SETUP.settings.pixel_cap),
+                                 GROUP_SIZE)
+    width = max(g["ids"].shape[1] for g in groups)
+    pad = processor.tokenizer.pad_token_id
+    ids = torch.cat([torch.nn.functional.pad(g["ids"], (0, width - g["ids"].shape[1]), value=pad) for g in groups])
+    mask = torch.cat([torch.nn.functional.pad(g["mask"], (0, width - g["mask"].shape[1])) for g in groups]).float()
+    adv = group_advantages(torch.tensor([g["rewards"] for g in groups])).flatten()
+    if not MALFORMED_IN_LOSS:
+        mask = mask * torch.tensor([w for g in groups for w in g["well_formed"]]).float().unsqueeze(1)
+    return prompts, ids, mask, adv
+
+
+# ---------------------------------------------------------------- update
+
+
+def update(model, opt, processor, groups, stats):
+    prompts, ids, mask, adv = collate(processor, groups)
+    device = next(model.parameters()).device
+    ids, mask, adv = ids.to(device), mask.to(device), adv.to(device)
+    rows = torch.arange(len(ids))
+
+    def micro(part):
+        return {k: v[part] for k, v in prompts.items() if k != "pixel_values_videos"} | {
+            "pixel_values_videos": torch.cat([prompts["pixel_values_videos"].split(
+                prompts["video_grid_thw"].prod(-1).tolist())[i] for i in part.tolist()])}
+
+    old = None
+    if UPDATES_PER_BATCH > 1:  # the policy moves between updates: freeze the sampling policy's log-probs
+        with torch.no_grad():
+            old = torch.cat([engine.token_logprobs(model, micro(p), ids[p], TEMPERATURE)
+                             for p in rows.split(MICRO_BATCH_ROWS)])
+    losses, clip_low, clip_high, norms = [], 0, 0, []
+    for mini in rows.chunk(UPDATES_PER_BATCH):
+        n_tokens = mask[mini].sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for part in mini.split(MICRO_BATCH_ROWS):
+            logp = engine.token_logprobs(model, micro(part), ids[part], TEMPERATURE)
+            ref = logp.detach() if old is None else old[part]
+            loss, lo, hi = dapo_loss(logp, ref, adv[part], mask[part], n_tokens)
+            loss.backward()
+            total += loss.item()
+            clip_low, clip_high = clip_low + lo.item(), clip_high + hi.item()
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], GRAD_CLIP)
+        if not (math.isfinite(total) and torch.isfinite(norm)):
+            print(f"FAIL: non-finite loss {total} or grad norm {norm.item()} at step {stats['step']}")
+            sys.exit(1)
+        opt.step()
+        losses.append(total)
+        norms.append(norm.item())
+    valid = mask.sum().clamp(min=1).item()
+    return sum(losses) / len(losses), clip_low / valid, clip_high / valid, max(norms)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main():
+    SETUP.check_device()
+    t_start = time.time()
+    torch.manual_seed(SEED)
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    model, processor = load(BASE_MODEL, four_bit=FOUR_BIT)
+    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+                      # full-name regex: the short names alone would also hit the vision tower's layers
+                      target_modules=rf".*language_model\.layers\.\d+\..*\.({'|'.join(LORA_MODULES)})")
+    model = get_peft_model(model, lora)
+    if GRADIENT_CHECKPOINTING:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"base {BASE_MODEL}  trainable {sum(p.numel() for p in trainable):,} params  budget {TIME_BUDGET}s")
+    opt = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    clips = dataset.TrainClips(SETUP, seed=SEED)
+    log = open(RUN_DIR / "train.jsonl", "a")
+
+    step, trained, rollouts, stats = 0, 0.0, 0, {"rollout_seconds": 0.0, "rollout_tokens": 0}
+    while trained < TIME_BUDGET:
+        t0 = time.time()
+        for group in opt.param_groups:
+            group["lr"] = LEARNING_RATE * min(1.0, trained / (WARMUP * TIME_BUDGET + 1e-9))
+        stats.update(step=step, seen=[])
+        model.eval()
+        groups = rollout(model, processor, clips, stats)
+        model.train()
+        loss = clip_low = clip_high = grad_norm = 0.0
+        if groups:
+            loss, clip_low, clip_high, grad_norm = update(model, opt, processor, groups, stats)
+        seen = stats["seen"]
+        rollouts += len(seen) * GROUP_SIZE
+        flat = lambda key: [x for s in seen for x in s[key]]  # noqa: E731
+        rewards, lengths = torch.tensor(flat("rewards")), torch.tensor(flat("lengths")).float()
+        dt = time.time() - t0
+        trained += dt
+        rec = dict(step=step, elapsed=round(trained, 2), reward_mean=rewards.mean().item(),
+                   reward_std=rewards.std().item(), accuracy=sum(flat("correct")) / len(rewards),
+                   format_rate=sum(flat("well_formed")) / len(rewards),
+                   filtered=1 - len(groups) / len(seen), groups=len(groups), draws=stats["draws"],
+                   len_mean=lengths.mean().item(), len_max=int(lengths.max()),
+                   truncated=sum(flat("truncated")) / len(rewards), loss=loss, clip_low=clip_low,
+                   clip_high=clip_high, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"],
+                   rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9),
+                   step_seconds=dt, skipped_clips=clips.skipped)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        print(f"step {step:4d} | {trained:6.1f}s | reward {rec['reward_mean']:+.3f} | acc {rec['accuracy']:.3f} | "
+              f"fmt {rec['format_rate']:.3f} | groups {len(groups)}/{len(seen)} | len {rec['len_mean']:.0f} | "
+              f"loss {loss:+.5f} | gnorm {grad_norm:.3f} | {dt:.2f}s", flush=True)
+        step += 1
+    clips.close()
+
+    model.save_pretrained(RUN_DIR / "adapter")
+    model.eval()
+    m, _ = evaluation.evaluate_model(model, processor, SETUP, "val")
+    peak = (torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
+    summary = dict(f1=m["f1"], accuracy=m["accuracy"], precision=m["precision"], recall=m["recall"], mcc=m["mcc"],
+                   auc=m["auc"] if m["auc"] is not None else float("nan"), unclear_rate=m["unclear_rate"],
+                   peak_memory_gb=peak, training_seconds=trained, total_seconds=time.time() - t_start,
+                   num_steps=step, num_rollouts=rollouts,
+                   rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9))
+    print("---")
+    for k, v in summary.items():
+        print(f"{k + ':':<22}{v:.6f}" if isinstance(v, float) else f"{k + ':':<22}{v}")
+
+
+if __name__ == "__main__":
+    guarded(main)
