@@ -33,13 +33,16 @@ LORA_RANK = 16
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.0  # dropout would make the importance ratio noisy
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj") + (("gate_proj", "up_proj", "down_proj") if TINY else ())
+# The 7B vision tower is pretrained and stays frozen; the tiny one is a random 2-block ViT that has never
+# learnt to see (with it frozen even supervised training stays at chance), so the tiny profile adapts it too.
+LORA_VISION = TINY
 LEARNING_RATE = 2e-3 if TINY else 1e-5
 WARMUP = 0.05  # share of the time budget with a linear learning-rate warm-up
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
 GROUP_SIZE = 8  # G completions per prompt
 PROMPTS_PER_STEP = 8  # groups per rollout batch (half real, half fake clips are drawn)
-MAX_NEW_TOKENS = 48 if TINY else 750
+MAX_NEW_TOKENS = 64 if TINY else 750
 OVERLONG_WINDOW = 16 if TINY else 150  # soft overlong penalty ramps from max - window to max
 TEMPERATURE = 1.0  # sampling temperature; log-probs are divided by the same value
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # DAPO's decoupled clip range
@@ -197,9 +200,11 @@ def main():
     torch.manual_seed(SEED)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     model, processor = load(BASE_MODEL, four_bit=FOUR_BIT)
-    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
-                      # full-name regex: the short names alone would also hit the vision tower's layers
-                      target_modules=rf".*language_model\.layers\.\d+\..*\.({'|'.join(LORA_MODULES)})")
+    # full-name regex: the short names alone would also hit the vision tower's layers
+    targets = rf"language_model\.layers\.\d+\..*\.({'|'.join(LORA_MODULES)})"
+    if LORA_VISION:
+        targets += r"|visual\.(blocks\.\d+\..*\.(qkv|proj|gate_proj|up_proj|down_proj)|merger\.mlp\.[02]|patch_embed\.proj)"
+    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=rf".*({targets})")
     model = get_peft_model(model, lora)
     if GRADIENT_CHECKPOINTING:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
