@@ -36,7 +36,7 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj") + (("gate_proj", "up_pro
 # The 7B vision tower is pretrained and stays frozen; the tiny one is a random 2-block ViT that has never
 # learnt to see (with it frozen even supervised training stays at chance), so the tiny profile adapts it too.
 LORA_VISION = TINY
-LEARNING_RATE = 2e-3 if TINY else 1e-5
+LEARNING_RATE = 3e-3 if TINY else 1e-5
 WARMUP = 0.05  # share of the time budget with a linear learning-rate warm-up
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0

@@ -35,7 +35,7 @@ class Profile:
 PROFILES = {
     "genbuster": Profile("genbuster", "Qwen/Qwen2.5-VL-7B-Instruct", 448 * 448, 20 * 60, 400, 400, 16, 1024,
                          cache_train=False, needs_cuda=True),
-    "tiny": Profile("tiny", "", 56 * 56, 240, 160, 120, 64, 64, cache_train=True, needs_cuda=False),
+    "tiny": Profile("tiny", "", 56 * 56, 300, 160, 120, 64, 64, cache_train=True, needs_cuda=False),
 }
 
 

@@ -1,0 +1,105 @@
+"""train_dapo.py's DAPO pieces against numbers worked out by hand from the published formulas."""
+import math
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def td(tiny_home):
+    import train_dapo
+    return train_dapo
+
+
+def test_group_advantages_worked_example(td):
+    adv = td.group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]))
+    # mean 0.5, unbiased std sqrt(1/3) = 0.577350 -> 0.5 / (0.577350 + 1e-6) = 0.866024
+    assert torch.allclose(adv[0], torch.tensor([0.866024, -0.866024, -0.866024, 0.866024]), atol=1e-6)
+    assert torch.equal(adv[1], torch.zeros(4))
+
+
+# 3 x 4: ratios, advantages and masks that hit both clip regions (clip 0.2 / 0.28)
+RATIOS = [[0.5, 1.0, 1.5, 1.2], [0.5, 0.9, 1.4, 0.7], [1.1, 1.3, 0.6, 2.0]]
+ADV = [1.0, -1.0, 2.0]
+MASK = [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]
+# per-token -min(r A, clip(r) A): row 0: -0.5, -1.0, -1.28 (high clip); row 1: 0.8 (low clip), 0.9, 1.4, 0.8
+# (low clip); row 2: -2.2, -2.56 (high clip). Sum -3.64 over 9 valid tokens.
+EXPECTED_LOSS = -3.64 / 9
+# d loss / d logp = -r A / 9 where the unclipped branch is the minimum, 0 where the clipped one is
+EXPECTED_GRAD = [[-0.5 / 9, -1.0 / 9, 0, 0], [0, 0.9 / 9, 1.4 / 9, 0], [-2.2 / 9, 0, 0, 0]]
+
+
+def _inputs():
+    logp = torch.log(torch.tensor(RATIOS)).requires_grad_()
+    return logp, torch.zeros(3, 4), torch.tensor(ADV), torch.tensor(MASK, dtype=torch.float)
+
+
+def test_loss_value_and_gradient(td):
+    logp, old, adv, mask = _inputs()
+    loss, low, high = td.dapo_loss(logp, old, adv, mask, mask.sum())
+    loss.backward()
+    assert loss.item() == pytest.approx(EXPECTED_LOSS, abs=1e-6)
+    assert torch.allclose(logp.grad, torch.tensor(EXPECTED_GRAD), atol=1e-6)
+    assert (low.item(), high.item()) == (2, 2)
+
+
+@pytest.mark.parametrize("splits", [[[0, 1, 2]], [[0], [1, 2]], [[0], [1], [2]]])
+def test_micro_batches_sum_to_the_same_loss(td, splits):
+    logp, old, adv, mask = _inputs()
+    total = sum(td.dapo_loss(logp[s], old[s], adv[s], mask[s], mask.sum())[0] for s in splits)
+    total.backward()
+    assert total.item() == pytest.approx(EXPECTED_LOSS, abs=1e-6)
+    assert torch.allclose(logp.grad, torch.tensor(EXPECTED_GRAD), atol=1e-6)
+    if len(splits) > 1:  # the mean of per-micro-batch means is a different (wrong) number
+        means = [td.dapo_loss(logp[s], old[s], adv[s], mask[s], mask[s].sum())[0].item() for s in splits]
+        assert sum(means) / len(means) != pytest.approx(EXPECTED_LOSS, abs=1e-3)
+
+
+def test_everything_masked_gives_zero_loss_and_no_update(td):
+    logp, old, adv, _ = _inputs()
+    param = torch.nn.Parameter(logp.detach().clone())
+    opt = torch.optim.AdamW([param], lr=0.1, weight_decay=0.0)
+    mask = torch.zeros(3, 4)
+    loss, _, _ = td.dapo_loss(param, old, adv, mask, mask.sum().clamp(min=1))
+    loss.backward()
+    before = param.detach().clone()
+    opt.step()
+    assert loss.item() == 0.0 and not torch.isnan(param.grad).any()
+    assert torch.equal(param.detach(), before)
+
+
+def test_soft_overlong(td):
+    assert td.overlong_reward(50, 100, 20) == 0.0
+    assert td.overlong_reward(80, 100, 20) == 0.0
+    assert td.overlong_reward(90, 100, 20) == pytest.approx(-0.5)
+    assert td.overlong_reward(100, 100, 20) == pytest.approx(-1.0)
+    assert td.overlong_reward(110, 100, 20) == -1.0
+
+
+@pytest.mark.parametrize("reply,reward", [
+    ("<think>the motion looks calm</think><answer>A</answer>", 0.0),
+    ("<think>x</think>\n<answer>B</answer>\n", 0.0),
+    ("<think>x</think><answer>C</answer>", -1.0),
+    ("<answer>A</answer>", -1.0),
+    ("<think></think><answer>A</answer>", -1.0),
+    ("<think>x</think><answer>A</answer> and more", -1.0),
+    ("<think>x</think><answer>A</answer><answer>B</answer>", -1.0),
+    ("<think>a<think>b</think><answer>A</answer>", -1.0),
+    ("<think>x</think><answer>real</answer>", -1.0),
+    ("<think>x</think><answer> A </answer>", -1.0),
+])
+def test_format_reward(td, reply, reward):
+    assert td.format_reward(reply) == reward
+
+
+def test_accuracy_reward(td):
+    assert td.accuracy_reward("<think>x</think><answer>B</answer>", "fake") == 1.0
+    assert td.accuracy_reward("<think>x</think><answer>B</answer>", "real") == 0.0
+    assert td.accuracy_reward("no answer", "real") == 0.0
+
+
+def test_dynamic_sampling_keeps_mixed_groups_only(td):
+    assert td.keep_group([1.0, 0.0, 1.0, 1.0])
+    assert not td.keep_group([1.0] * 8)
+    assert not td.keep_group([0.0] * 8)
+    assert math.isclose(td.group_advantages(torch.tensor([[0.5, 0.5]]))[0, 0].item(), 0.0)

@@ -1,0 +1,40 @@
+"""Frame sampling, decoding (HEVC 10-bit included) and smart resize, against independent references."""
+import numpy as np
+import pytest
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
+
+from autobuster.synthetic import write_mp4
+from autobuster.video import decode_clip, sample_indices, smart_resize
+
+
+def numbered_clip(path, fps, n, hevc10=False):
+    """Frame k is a flat grey of value 8 k (mod 256) so the decoded frame index can be read back."""
+    frames = np.stack([np.full((112, 112, 3), (8 * k) % 256, np.uint8) for k in range(n)])
+    write_mp4(path, frames, fps, hevc10)
+
+
+@pytest.mark.parametrize("fps", [24, 25, 30])
+@pytest.mark.parametrize("hevc10", [False, True])
+def test_decoded_frames_are_the_4fps_ones(tmp_path, fps, hevc10):
+    numbered_clip(tmp_path / "c.mp4", fps, 5 * fps, hevc10)
+    frames = decode_clip(tmp_path / "c.mp4", 112 * 112)
+    # oracle: the frame on screen nearest to t = i / 4 s (halves up), computed from timestamps
+    expected = [int(np.floor(i / 4 * fps + 0.5)) for i in range(16)]
+    got = [int(round(f.mean() / 8)) for f in frames]
+    assert got == expected
+    assert frames.shape == (16, 112, 112, 3) and frames.dtype == np.uint8
+
+
+def test_sample_indices_24fps_is_every_sixth():
+    assert sample_indices(24) == list(range(0, 91, 6))
+
+
+@pytest.mark.parametrize("h,w,cap", [(1024, 1024, 448 * 448), (1080, 1920, 448 * 448), (112, 112, 56 * 56),
+                                     (720, 1280, 756 * 756), (100, 60, 448 * 448), (1024, 1024, 2 ** 30)])
+def test_smart_resize_matches_transformers(h, w, cap):
+    assert smart_resize(h, w, cap) == hf_smart_resize(h, w, factor=28, min_pixels=56 * 56, max_pixels=cap)
+
+
+def test_frames_are_resized_to_the_cap(tmp_path):
+    numbered_clip(tmp_path / "c.mp4", 24, 100)
+    assert decode_clip(tmp_path / "c.mp4", 56 * 56).shape == (16, 56, 56, 3)
