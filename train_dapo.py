@@ -36,12 +36,12 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj") + (("gate_proj", "up_pro
 # The 7B vision tower is pretrained and stays frozen; the tiny one is a random 2-block ViT that has never
 # learnt to see (with it frozen even supervised training stays at chance), so the tiny profile adapts it too.
 LORA_VISION = TINY
-LEARNING_RATE = 3e-3 if TINY else 1e-5
+LEARNING_RATE = 2e-3 if TINY else 1e-5
 WARMUP = 0.05  # share of the time budget with a linear learning-rate warm-up
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
 GROUP_SIZE = 8  # G completions per prompt
-PROMPTS_PER_STEP = 8  # groups per rollout batch (half real, half fake clips are drawn)
+PROMPTS_PER_STEP = 16 if TINY else 8  # groups per rollout batch (half real, half fake clips are drawn)
 MAX_NEW_TOKENS = 64 if TINY else 750
 OVERLONG_WINDOW = 16 if TINY else 150  # soft overlong penalty ramps from max - window to max
 TEMPERATURE = 1.0  # sampling temperature; log-probs are divided by the same value
@@ -52,7 +52,7 @@ MAX_DRAWS = 4  # prompt draws per step before going on with fewer groups
 MALFORMED_IN_LOSS = False  # False: malformed or truncated replies score -1 but stay out of the loss
 MICRO_BATCH_ROWS = 64 if TINY else 8  # completions per forward/backward
 GRADIENT_CHECKPOINTING = not TINY
-TIME_BUDGET = SETUP.settings.time_budget  # seconds of rollouts + updates; fixed per profile by prepare.py
+TIME_BUDGET = SETUP.time_budget  # seconds of rollouts + updates; fixed per profile by prepare.py
 SEED = 0
 RUN_DIR = Path(os.environ.get("AUTOBUSTER_RUN_DIR") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 

@@ -70,6 +70,11 @@ class Setup:
         return self.path("eval", f"{name}.json")
 
 
+    @property
+    def time_budget(self) -> int:
+        """Training seconds per experiment: the profile's, or the runner's override for long runs and the demo."""
+        return int(os.environ.get("AUTOBUSTER_TIME_BUDGET", self.settings.time_budget))
+
     def check_device(self) -> None:
         import torch
         if self.settings.needs_cuda and not torch.cuda.is_available():

@@ -1,0 +1,90 @@
+"""Package the best kept run: holdout evaluation, LoRA merged into the base, a Hugging Face model directory
+(safetensors, config, processor, greedy generation config) with a model card carrying the metrics."""
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+from .errors import UserError
+from .loop import TRAIN_FILE, Workspace
+from .profiles import active
+
+
+def pick_run(ws: Workspace, run_id: str | None) -> dict:
+    if run_id:
+        f = ws.runs / run_id / "run.json"
+        if not f.exists():
+            raise UserError(f"no run {run_id} under {ws.runs}")
+        run = json.loads(f.read_text())
+        if not (ws.runs / run_id / "adapter").exists():
+            raise UserError(f"run {run_id} has no adapter (only kept and long runs keep theirs)")
+        return run
+    best = ws.best_kept()
+    if not best:
+        raise UserError("no kept run yet: run `uv run autobuster run \"baseline\"` first")
+    return best
+
+
+def constants(source: str) -> str:
+    """The top-level constants of train_dapo.py at the run's commit, for the model card."""
+    return "\n".join(line for line in source.splitlines() if re.match(r"^[A-Z][A-Z0-9_]* = ", line))
+
+
+def table(m: dict) -> str:
+    rows = ["| metric | value |", "|---|---|"]
+    rows += [f"| {k} | {m[k]:.4f} |" for k in ("f1", "accuracy", "precision", "recall", "mcc", "auc", "brier",
+                                              "unclear_rate") if isinstance(m.get(k), float)]
+    rows += ["", "| generator | n | accuracy |", "|---|---|---|"]
+    rows += [f"| {g} | {v['n']} | {v['accuracy']:.4f} |" for g, v in sorted(m["per_generator"].items())]
+    return "\n".join(rows)
+
+
+def export(run_id: str | None = None, out: str | None = None, adapter_only: bool = False) -> Path:
+    from . import evaluation
+    from .model import load
+    ws = Workspace()
+    run = pick_run(ws, run_id)
+    run_dir = ws.runs / run["run_id"]
+    setup = active()
+    setup.check_device()
+    out = Path(out or ws.root / "exports" / run["run_id"])
+    if out.exists():
+        raise UserError(f"{out} exists already: remove it or pass --out")
+    val = json.loads((run_dir / "metrics.json").read_text())
+    model, processor = load(setup.model, str(run_dir / "adapter"))  # merged into the base weights
+    try:
+        holdout, preds = evaluation.evaluate_model(model, processor, setup, "holdout")
+    except UserError:
+        holdout, preds = None, []
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if adapter_only:
+        shutil.copytree(run_dir / "adapter", tmp)
+    else:
+        ends = sorted({processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
+        model.generation_config.update(do_sample=False, temperature=None, top_p=None, top_k=None,
+                                       repetition_penalty=1.0, eos_token_id=ends,
+                                       pad_token_id=processor.tokenizer.pad_token_id)
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    if holdout:
+        (tmp / "holdout_metrics.json").write_text(json.dumps(holdout, indent=2))
+    (tmp / "val_metrics.json").write_text(json.dumps(val, indent=2))
+    source = ws.repo.git.show(f"{run['commit_full']}:{TRAIN_FILE}")
+    card = [f"# autobuster detector ({run['run_id']})", "",
+            "Qwen2.5-VL fine-tuned with LoRA + DAPO to tell real video from AI-generated video (fake = positive).",
+            f"Base: `{setup.model}`. " + ("LoRA adapter only." if adapter_only else "LoRA merged into the base."),
+            f"Commit `{run['commit']}`: {run['description']}. Exported {time.strftime('%Y-%m-%d %H:%M')}.", "",
+            "Ask it with the BusterX++ prompt and one video of 16 frames at 4 fps; it answers "
+            "`<think>...</think><answer>A|B</answer>` (A real, B fake).", "",
+            f"## Validation (pinned set {val.get('fingerprint')}, {val['n']} clips)", "", table(val), ""]
+    if holdout:
+        card += [f"## Holdout: unseen generators (set {holdout['fingerprint']}, {holdout['n']} clips)", "",
+                 table(holdout), ""]
+    card += ["## Training constants", "", "```python", constants(source), "```", ""]
+    (tmp / "README.md").write_text("\n".join(card))
+    tmp.replace(out)
+    print(f"exported {run['run_id']} (val f1 {val['f1']:.4f}"
+          + (f", holdout f1 {holdout['f1']:.4f}" if holdout else "") + f") to {out}")
+    return out

@@ -1,0 +1,301 @@
+"""The autoresearch loop: init, run (commit, train, score apart, keep or discard), status, long runs, and the
+repair of an interrupted run. results.tsv and runs/ are append-only; a kept commit is never lost."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import git
+import pandas as pd
+
+from . import metrics
+from .errors import UserError
+from .profiles import active
+
+P_BETTER = 0.8  # keep only when the paired bootstrap says the candidate is better with at least this probability
+PLATEAU = 10  # runs without a keep that `status` calls a plateau
+ALLOWANCE = {"tiny": 600, "genbuster": 3600}  # seconds for loading + evaluation on top of the training budget
+FIXED = ("prepare.py", "evaluate.py", "export.py", "src/autobuster")
+HEADER = "commit\tf1\taccuracy\tmemory_gb\tp_better\tstatus\tdescription\n"
+TRAIN_FILE = "train_dapo.py"
+
+
+class Workspace:
+    """The git checkout the loop works in, and its harness files (results.tsv, runs/, .autobuster/)."""
+
+    def __init__(self, path: str | Path = "."):
+        try:
+            self.repo = git.Repo(path, search_parent_directories=True)
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+            raise UserError(f"{Path(path).resolve()} is not inside a git checkout of autobuster") from None
+        self.root = Path(self.repo.working_tree_dir)
+        self.results = self.root / "results.tsv"
+        self.runs = self.root / "runs"
+        self.state_file = self.root / ".autobuster" / "state.json"
+        self.lock = self.root / ".autobuster" / "lock.json"
+
+    # ------------------------------------------------------------ state
+
+    def fingerprint(self) -> dict[str, str]:
+        files = []
+        for name in FIXED:
+            p = self.root / name
+            files += sorted(p.rglob("*.py")) if p.is_dir() else [p] if p.exists() else []
+        return {f.relative_to(self.root).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+    def state(self) -> dict:
+        if not self.state_file.exists():
+            raise UserError("no loop here yet: run `uv run autobuster init <tag>` first")
+        return json.loads(self.state_file.read_text())
+
+    def rows(self) -> pd.DataFrame:
+        if not self.results.exists():
+            return pd.DataFrame(columns=HEADER.strip().split("\t"))
+        return pd.read_csv(self.results, sep="\t", dtype={"commit": str}, keep_default_na=False)
+
+    def append(self, commit, f1, accuracy, memory_gb, p_better, status, description) -> None:
+        """One row, one write, append-only."""
+        desc = " ".join(description.split())  # no tabs or newlines inside the field
+        line = f"{commit}\t{f1:.6f}\t{accuracy:.6f}\t{memory_gb:.1f}\t{p_better:.3f}\t{status}\t{desc}\n"
+        fd = os.open(self.results, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def best_kept(self) -> dict | None:
+        runs = [json.loads(f.read_text()) for f in sorted(self.runs.glob("*/run.json"))]
+        kept = [r for r in runs if r["status"] == "keep"]
+        return max(kept, key=lambda r: r["f1"]) if kept else None
+
+    def last_kept_commit(self) -> str:
+        runs = [json.loads(f.read_text()) for f in sorted(self.runs.glob("*/run.json"))]
+        kept = [r for r in runs if r["status"] == "keep"]
+        return kept[-1]["commit_full"] if kept else self.state()["base_commit"]
+
+
+def init(tag: str, ws: Workspace | None = None) -> None:
+    ws = ws or Workspace()
+    branch = f"autobuster/{tag}"
+    if branch in [h.name for h in ws.repo.heads]:
+        raise UserError(f"branch {branch} exists already: pick another tag")
+    if ws.repo.is_dirty(path=TRAIN_FILE):
+        raise UserError(f"{TRAIN_FILE} has uncommitted changes: commit or stash them before init")
+    setup = active()
+    val = json.loads(setup.eval_set("val").read_text())
+    ws.repo.create_head(branch).checkout()
+    ws.state_file.parent.mkdir(exist_ok=True)
+    (ws.state_file.parent / ".gitignore").write_text("*\n")
+    ws.state_file.write_text(json.dumps(dict(tag=tag, branch=branch, base_commit=ws.repo.head.commit.hexsha,
+                                             fixed=ws.fingerprint(), val_fingerprint=val["fingerprint"],
+                                             profile=setup.profile), indent=1))
+    if not ws.results.exists():
+        ws.results.write_text(HEADER)
+    print(f"on branch {branch}; val set {val['fingerprint']} ({len(val['ids'])} clips, profile {setup.profile}); "
+          f"next: uv run autobuster run \"baseline\"")
+
+
+def check_fixed(ws: Workspace, state: dict) -> None:
+    now = ws.fingerprint()
+    changed = sorted(f for f in set(now) | set(state["fixed"]) if now.get(f) != state["fixed"].get(f))
+    if changed:
+        raise UserError("fixed files changed since init (only train_dapo.py may change): " + ", ".join(changed)
+                        + "; restore them with `git checkout -- <file>`")
+
+
+def recover(ws: Workspace) -> None:
+    """A runner that died mid-run left its lock: record that run as a crash and restore the kept state."""
+    if not ws.lock.exists():
+        return
+    lock = json.loads(ws.lock.read_text())
+    try:
+        os.kill(lock["pid"], 0)
+        raise UserError(f"run {lock['run_id']} is still in progress (pid {lock['pid']}); wait for it or kill it")
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        raise UserError(f"run {lock['run_id']} is still in progress (pid {lock['pid']})") from None
+    if lock.get("child"):
+        try:
+            os.killpg(lock["child"], signal.SIGKILL)  # a training process the dead runner left behind
+        except (ProcessLookupError, PermissionError):
+            pass
+    run_dir = ws.runs / lock["run_id"]
+    finish(ws, lock, run_dir, "crash", {}, 0.0, 0.0, "interrupted (runner killed)")
+    print(f"recovered run {lock['run_id']}: recorded as crash, branch back at {lock['kept'][:7]}")
+
+
+def finish(ws, lock, run_dir, status, m, memory_gb, p_better, note=""):
+    """Record the run (run.json, results.tsv), and on discard or crash save the patch and reset the branch."""
+    commit = lock["commit"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if status in ("discard", "crash") and commit != lock["kept"]:
+        (run_dir / "patch.diff").write_text(ws.repo.git.diff(lock["kept"], commit, "--", TRAIN_FILE) + "\n")
+        ws.repo.git.reset("--hard", lock["kept"])
+    if status in ("discard", "crash"):
+        adapter = run_dir / "adapter"
+        if adapter.exists():
+            import shutil
+            shutil.rmtree(adapter)
+    record = dict(run_id=lock["run_id"], commit=commit[:7], commit_full=commit, status=status,
+                  f1=m.get("f1", 0.0), accuracy=m.get("accuracy", 0.0), memory_gb=memory_gb, p_better=p_better,
+                  description=lock["description"], note=note, seconds=round(time.time() - lock["started"], 1))
+    (run_dir / "run.json").write_text(json.dumps(record, indent=1))
+    ws.append(commit[:7], record["f1"], record["accuracy"], memory_gb, p_better, status, lock["description"])
+    ws.lock.unlink(missing_ok=True)
+    return record
+
+
+def _commit(ws: Workspace, description: str, first: bool) -> str:
+    ws.repo.index.add([TRAIN_FILE])
+    if not ws.repo.index.diff("HEAD"):
+        if not first:
+            raise UserError(f"{TRAIN_FILE} is unchanged since the last kept run: make one change, then run")
+        return ws.repo.head.commit.hexsha  # the baseline may run the file as it is
+    return ws.repo.index.commit(description).hexsha
+
+
+def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None) -> tuple[str | None, float]:
+    """Run train_dapo.py in its own process group with a hard timeout; (crash reason or None, peak memory)."""
+    setup = active()
+    env = {**os.environ, "AUTOBUSTER_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
+    if budget is not None:
+        env["AUTOBUSTER_TIME_BUDGET"] = str(budget)
+    limit = (setup.time_budget if budget is None else budget) + ALLOWANCE.get(setup.profile, 3600)
+    with open(run_dir / "run.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, TRAIN_FILE], cwd=ws.root, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        lock["child"] = proc.pid
+        ws.lock.write_text(json.dumps(lock))
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return f"timeout after {limit}s", 0.0
+    text = (run_dir / "run.log").read_text(errors="replace")
+    memory = next((float(line.split()[1]) for line in text.splitlines() if line.startswith("peak_memory_gb:")), 0.0)
+    lines = [line for line in text.splitlines() if line.strip()]
+    fail = next((line for line in lines if line.startswith("FAIL:")), None)
+    if fail or rc != 0:
+        oom = next((line for line in lines if "out of memory" in line.lower() or "OutOfMemoryError" in line), None)
+        return oom or fail or (lines[-1] if lines else f"exit code {rc}"), memory
+    if not (run_dir / "adapter" / "adapter_config.json").exists():
+        return "no adapter saved in the run directory", memory
+    return None, memory
+
+
+def _score(ws: Workspace, run_dir: Path) -> dict:
+    """The fixed evaluation, in its own process, from the saved adapter alone."""
+    r = subprocess.run([sys.executable, "evaluate.py", "--adapter", str(run_dir / "adapter"), "--split", "val",
+                        "--out", str(run_dir)], cwd=ws.root, capture_output=True, text=True)
+    (run_dir / "eval.log").write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise RuntimeError((r.stderr.strip().splitlines() or ["evaluation failed"])[-1])
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _predictions(run_dir: Path) -> pd.DataFrame:
+    return pd.read_json(run_dir / "predictions.jsonl", lines=True).set_index("id")
+
+
+def run(description: str, budget: int | None = None, long: bool = False, ws: Workspace | None = None) -> dict:
+    ws = ws or Workspace()
+    recover(ws)
+    state = ws.state()
+    if ws.repo.active_branch.name != state["branch"]:
+        raise UserError(f"on branch {ws.repo.active_branch.name}, not {state['branch']}: git checkout {state['branch']}")
+    check_fixed(ws, state)
+    best = ws.best_kept()
+    kept = ws.last_kept_commit()
+    commit = _commit(ws, description, first=best is None or long)
+    n = len(list(ws.runs.glob("*/run.json"))) if ws.runs.exists() else 0
+    run_id = f"{n + 1:04d}-{commit[:7]}" + ("-long" if long else "")
+    run_dir = ws.runs / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = dict(run_id=run_id, commit=commit, kept=kept if not long else commit, description=description,
+                pid=os.getpid(), started=time.time())
+    ws.lock.write_text(json.dumps(lock))
+    crash, memory = _train(ws, run_dir, lock, budget)
+    m, p_better = {}, 0.0
+    if crash is None:
+        try:
+            m = _score(ws, run_dir)
+        except RuntimeError as e:
+            crash = f"evaluation failed: {e}"
+    if crash:
+        status = "crash"
+    elif long:
+        status = "long"
+    elif best is None:
+        status, p_better = "keep", 1.0
+    else:
+        a, b = _predictions(ws.runs / best["run_id"]), _predictions(run_dir)
+        b = b.loc[a.index]
+        p_better = metrics.paired_bootstrap(a.label.tolist(), a.prediction.tolist(), b.prediction.tolist())["p_better"]
+        status = "keep" if m["f1"] > best["f1"] and p_better >= P_BETTER else "discard"
+    record = finish(ws, lock, run_dir, status, m, memory, p_better, crash or "")
+    mins, secs = divmod(int(record["seconds"]), 60)
+    if crash:
+        print(f"crash  {crash}  log={run_dir / 'run.log'}")
+    else:
+        best_f1 = f"{best['f1']:.4f}" if best else "none"
+        print(f"{status:<7} f1={m['f1']:.4f} (best {best_f1}, p_better {p_better:.2f})  mem={memory:.1f}GB  "
+              f"{mins}m{secs:02d}s  run={run_dir}")
+    return record
+
+
+def status(as_json: bool = False, ws: Workspace | None = None) -> dict:
+    ws = ws or Workspace()
+    recover(ws)
+    rows = ws.rows()
+    best = ws.best_kept()
+    decided = rows[rows.status.isin(["keep", "discard", "crash"])]
+    last_keep = max((i for i, s in enumerate(decided.status) if s == "keep"), default=-1)
+    since = len(decided) - 1 - last_keep
+    info = dict(runs=len(rows), keeps=int((rows.status == "keep").sum()),
+                discards=int((rows.status == "discard").sum()), crashes=int((rows.status == "crash").sum()),
+                keep_rate=float((decided.status == "keep").mean()) if len(decided) else 0.0,
+                best=best, runs_since_keep=since, plateau=since >= PLATEAU,
+                recent=rows.tail(10).to_dict("records"), progress=str(ws.root / "progress.png"))
+    if len(rows):
+        plot_progress(rows, ws.root / "progress.png")
+    if as_json:
+        print(json.dumps(info, indent=1, default=str))
+        return info
+    print(rows.tail(10).to_string(index=False) if len(rows) else "no runs yet")
+    print(f"runs {info['runs']}  keep {info['keeps']}  discard {info['discards']}  crash {info['crashes']}  "
+          f"keep rate {info['keep_rate']:.2f}" + ("  PLATEAU" if info["plateau"] else ""))
+    if best:
+        print(f"best: f1={best['f1']:.4f}  run={best['run_id']}  {best['description']}")
+    return info
+
+
+def plot_progress(rows: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    x = range(1, len(rows) + 1)
+    colours = {"keep": "tab:green", "discard": "tab:gray", "crash": "tab:red", "long": "tab:blue"}
+    for s, c in colours.items():
+        sel = [i for i, v in zip(x, rows.status) if v == s]
+        ax.scatter(sel, rows.f1[rows.status == s], c=c, label=s, zorder=3)
+    best, running = 0.0, []
+    for f1, s in zip(rows.f1, rows.status):
+        best = max(best, f1) if s == "keep" else best
+        running.append(best)
+    ax.step(x, running, where="post", c="tab:green", alpha=0.6, label="best kept")
+    for i, (f1, d) in zip(x, zip(rows.f1, rows.description)):
+        ax.annotate(str(d)[:18], (i, f1), fontsize=7, rotation=30, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("experiment")
+    ax.set_ylabel("val F1")
+    ax.set_ylim(-0.02, 1.05)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

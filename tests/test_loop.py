@@ -1,0 +1,134 @@
+"""The loop on the tiny profile: keep, discard, crash, tampering, a killed runner, export round trip."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import git
+import pandas as pd
+import pytest
+
+from autobuster.demo import BROKEN, CRASH, edit, scratch_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(ws, *args, check=True):
+    r = subprocess.run([sys.executable, "-m", "autobuster.cli", *args], cwd=ws, capture_output=True, text=True)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def results(ws):
+    return pd.read_csv(ws / "results.tsv", sep="\t", dtype={"commit": str}, keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def ws(tiny_home, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ws")
+    scratch_copy(ROOT, d)
+    cli(d, "init", "t")
+    return d
+
+
+def test_init_refuses_an_existing_tag(ws):
+    r = cli(ws, "init", "t", check=False)
+    assert r.returncode == 2 and "exists" in r.stderr
+
+
+def test_baseline_is_kept(ws):
+    out = cli(ws, "run", "baseline", "--budget", "20").stdout.strip().splitlines()[-1]
+    assert out.startswith("keep")
+    rows = results(ws)
+    assert list(rows.columns) == ["commit", "f1", "accuracy", "memory_gb", "p_better", "status", "description"]
+    assert rows.status.tolist() == ["keep"] and rows.f1[0] > 0
+    run = next((ws / "runs").glob("0001-*"))
+    assert (run / "adapter" / "adapter_config.json").exists() and (run / "metrics.json").exists()
+    # the score comes from the separate evaluation: metrics.json and the row agree
+    assert json.loads((run / "metrics.json").read_text())["f1"] == pytest.approx(rows.f1[0], abs=1e-6)
+
+
+def test_unchanged_file_is_refused(ws):
+    r = cli(ws, "run", "nothing", check=False)
+    assert r.returncode == 2 and "unchanged" in r.stderr
+
+
+def test_worse_variant_is_discarded_and_reset(ws):
+    repo = git.Repo(ws)
+    kept = repo.head.commit.hexsha
+    edit(ws / "train_dapo.py", *BROKEN)
+    out = cli(ws, "run", "broken lora", "--budget", "0").stdout.strip().splitlines()[-1]
+    assert out.startswith("discard")
+    assert repo.head.commit.hexsha == kept and "100000" not in (ws / "train_dapo.py").read_text()
+    run = sorted((ws / "runs").glob("0002-*"))[0]
+    assert "LORA_ALPHA = 100000" in (run / "patch.diff").read_text()
+    assert not (run / "adapter").exists()
+    assert results(ws).status.tolist() == ["keep", "discard"]
+
+
+def test_crash_is_recorded_and_reset(ws):
+    repo = git.Repo(ws)
+    kept = repo.head.commit.hexsha
+    edit(ws / "train_dapo.py", CRASH)
+    out = cli(ws, "run", "crash", "--budget", "0").stdout.strip().splitlines()[-1]
+    assert out.startswith("crash") and "scripted crash" in out
+    rows = results(ws)
+    assert rows.status.tolist()[-1] == "crash" and rows.f1.tolist()[-1] == 0 and rows.memory_gb.tolist()[-1] == 0
+    assert repo.head.commit.hexsha == kept and "scripted crash" not in (ws / "train_dapo.py").read_text()
+
+
+def test_tampered_fixed_file_is_refused(ws):
+    ev = ws / "evaluate.py"
+    original = ev.read_text()
+    ev.write_text(original + "\n# tampered\n")
+    edit(ws / "train_dapo.py", ("SEED = 0", "SEED = 1"))
+    try:
+        r = cli(ws, "run", "tampered", check=False)
+        assert r.returncode == 2 and "evaluate.py" in r.stderr
+        assert len(results(ws)) == 3
+    finally:
+        ev.write_text(original)
+
+
+def test_killed_runner_is_recovered_by_the_next_command(ws):
+    repo = git.Repo(ws)
+    kept = repo.head.commit.hexsha
+    p = subprocess.Popen([sys.executable, "-m", "autobuster.cli", "run", "killed", "--budget", "60"], cwd=ws,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = ws / ".autobuster" / "lock.json"
+    for _ in range(300):
+        if lock.exists() and "child" in lock.read_text():
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert repo.head.commit.hexsha != kept  # the runner died with its commit on the branch
+    out = cli(ws, "status", "--json").stdout
+    info = json.loads(out[out.index("{"):])
+    assert results(ws).status.tolist()[-1] == "crash" and info["crashes"] == 2
+    assert repo.head.commit.hexsha == kept and not lock.exists()
+    assert (ws / "progress.png").stat().st_size > 0
+    child = json.loads((sorted((ws / "runs").glob("*/run.json"))[-1]).read_text())
+    assert child["note"].startswith("interrupted")
+
+
+def test_export_round_trip(ws):
+    from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: F401  (loads like any checkpoint)
+    from autobuster import evaluation
+    from autobuster.model import load
+    from autobuster.profiles import active
+    r = subprocess.run([sys.executable, "export.py", "--out", str(ws / "exported")], cwd=ws, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    out = ws / "exported"
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()
+    assert "Holdout" in (out / "README.md").read_text()
+    assert json.loads((out / "generation_config.json").read_text()).get("do_sample") in (False, None)
+    model, processor = load(str(out))
+    m, _ = evaluation.evaluate_model(model, processor, active(), "val")
+    run = next((ws / "runs").glob("0001-*"))
+    assert m["f1"] == pytest.approx(json.loads((run / "metrics.json").read_text())["f1"], abs=1e-6)
