@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 import json
 
-import numpy as np
 
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
@@ -41,32 +40,15 @@ CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# The warm start's reasoning: an opener, then what the clip looks like, described from pixel statistics
-# (never from the label), as an instruct model that can describe a video but does not know what fakes look like.
-OPENERS = ["let me think", "hmm", "wait, let's break it down", "oh, I see"]
-WORDS = (("calm", "busy"), ("smooth", "grainy"), ("purple", "green"))  # below / above the train median
-
-
-def statistics(frames: np.ndarray) -> np.ndarray:
-    """(motion, texture, greenness) of uint8 [T, H, W, 3] frames: mean change between frames, high-frequency
-    energy within frames, and green against red + blue."""
-    f = frames.astype(np.float32)
-    motion = np.abs(np.diff(f, axis=0)).mean()
-    texture = (np.abs(np.diff(f, axis=1)).mean() + np.abs(np.diff(f, axis=2)).mean()) / 2
-    green = (f[..., 1] - (f[..., 0] + f[..., 2]) / 2).mean()
-    return np.array([motion, texture, green])
-
-
-def describe(stats: np.ndarray, medians: np.ndarray, opener: str) -> str:
-    words = [w[int(s > m)] for w, s, m in zip(WORDS, stats, medians)]
-    return f"{opener}: the motion looks {words[0]}, the texture looks {words[1]}, the colours look {words[2]}"
+# The warm start's one line of reasoning. A single fixed line keeps the sampled replies' entropy in the answer
+# letter: random reasoning tokens would add gradient noise that drowns the letter's signal in RL.
+THOUGHT = "let me think about the motion, the colours and the texture of the frames"
 
 
 def build_tokenizer() -> Qwen2Tokenizer:
     """A byte-level BPE in Qwen's pre-tokenisation, trained here on the prompt and the answer format."""
     corpus = [PROMPT, "You are a helpful assistant.", "system", "user", "assistant", "real", "fake"]
-    corpus += [f"<think>{describe(np.array(s), np.zeros(3), o)}</think><answer>{x}</answer>"
-               for o in OPENERS for s in ((0, 0, 0), (1, 1, 1)) for x in "AB"]
+    corpus += [f"<think>{THOUGHT}</think><answer>{x}</answer>" for x in "AB"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
@@ -139,7 +121,7 @@ def opinion(frames: list, direction: torch.Tensor) -> torch.Tensor:
 
 def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 2e-3, supervised: bool = False,
                log=print) -> None:
-    """Teach the format without the task, in place: `<think>{what the clip looks like}</think><answer>X</answer>`.
+    """Teach the format without the task, in place: `<think>{THOUGHT}</think><answer>X</answer>`.
 
     The letter never comes from the label (unless `supervised`, which measures the ceiling): it comes from a
     label-free "opinion" about the video, learnt softly (P = 0.75), so the model writes A for about half the
@@ -160,11 +142,9 @@ def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 
                 return_tensors="pt")
         return t.input_ids, t.attention_mask.float()
 
-    medians = np.median([statistics(f) for _ in range(20) for _, f in clips.batch(batch)], axis=0)
     for step in range(steps):
         rows = clips.batch(batch)
-        thoughts = [describe(statistics(f), medians, OPENERS[i])
-                    for (_, f), i in zip(rows, torch.randint(len(OPENERS), (batch,), generator=rng).tolist())]
+        thoughts = [THOUGHT] * batch
         prompts = encode(processor, [f for _, f in rows], cap)
         if supervised:
             ids, mask = targets([f"<think>{t}</think><answer>{'AB'[r['label'] == 'fake']}</answer>"
