@@ -42,7 +42,7 @@ def hub(tmp_path, monkeypatch):
 def test_genbuster_download_extract_and_prepare(hub, tmp_path):
     setup = preparation.prepare("genbuster")
     df = dataset.read_manifest(setup)
-    assert len(df) == 8 + 4 + 8 + 4 + 6 and (df.status == "ok").all()
+    assert len(df) == 8 + 8 + 6 and (df.status == "ok").all()
     assert set(df[df.split == "benchmark"].generator) == {"real", "sora"}
     val = json.loads(setup.eval_set("val").read_text())
     assert len(val["ids"]) == 8 and all(i.startswith("test/") for i in val["ids"])

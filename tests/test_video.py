@@ -8,8 +8,10 @@ from autobuster.video import decode_clip, sample_indices, smart_resize
 
 
 def numbered_clip(path, fps, n, hevc10=False):
-    """Frame k is a flat grey of value 8 k (mod 256) so the decoded frame index can be read back."""
-    frames = np.stack([np.full((112, 112, 3), (8 * k) % 256, np.uint8) for k in range(n)])
+    """Frame k is flat with red = 16 (k mod 16) and green = 16 (k // 16), so its index can be read back."""
+    frames = np.zeros((n, 112, 112, 3), np.uint8)
+    for k in range(n):
+        frames[k, ..., 0], frames[k, ..., 1] = 16 * (k % 16), 16 * (k // 16)
     write_mp4(path, frames, fps, hevc10)
 
 
@@ -20,7 +22,7 @@ def test_decoded_frames_are_the_4fps_ones(tmp_path, fps, hevc10):
     frames = decode_clip(tmp_path / "c.mp4", 112 * 112)
     # oracle: the frame on screen nearest to t = i / 4 s (halves up), computed from timestamps
     expected = [int(np.floor(i / 4 * fps + 0.5)) for i in range(16)]
-    got = [int(round(f.mean() / 8)) for f in frames]
+    got = [int(round(f[..., 0].mean() / 16)) + 16 * int(round(f[..., 1].mean() / 16)) for f in frames]
     assert got == expected
     assert frames.shape == (16, 112, 112, 3) and frames.dtype == np.uint8
 

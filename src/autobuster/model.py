@@ -32,7 +32,7 @@ def load(path: str, adapter: str | None = None, four_bit: bool = False, device: 
     quant = None
     if four_bit:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["visual", "lm_head"])
+                                   bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["model.visual", "lm_head"])
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path, dtype=dtype, quantization_config=quant, use_safetensors=True, device_map={"": device})
