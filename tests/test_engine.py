@@ -1,6 +1,5 @@
 """The engine against Hugging Face: greedy generation token for token, log-probs against a full forward,
 and the model loading paths (4-bit on CPU, 4 fps temporal positions)."""
-import numpy as np
 import pytest
 import torch
 

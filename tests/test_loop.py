@@ -1,6 +1,5 @@
 """The loop on the tiny profile: keep, discard, crash, tampering, a killed runner, export round trip."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -54,9 +54,9 @@ def export(run_id: str | None = None, out: str | None = None, adapter_only: bool
     val = json.loads((run_dir / "metrics.json").read_text())
     model, processor = load(setup.model, str(run_dir / "adapter"))  # merged into the base weights
     try:
-        holdout, preds = evaluation.evaluate_model(model, processor, setup, "holdout")
-    except UserError:
-        holdout, preds = None, []
+        holdout = evaluation.evaluate_model(model, processor, setup, "holdout")[0]
+    except UserError:  # a custom dataset without a benchmark split has no holdout
+        holdout = None
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter_only:
