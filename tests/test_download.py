@@ -2,6 +2,7 @@
 shaped like the hub snapshot holding a small 7z archive); verification, extraction and preparation are real."""
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import py7zr
@@ -48,6 +49,7 @@ def test_genbuster_download_extract_and_prepare(hub, tmp_path):
     assert len(val["ids"]) == 8 and all(i.startswith("test/") for i in val["ids"])
     assert np.load(dataset.frame_file(setup, val["ids"][0])).shape == (16, 112, 112, 3)
     assert profiles.active() == setup
+    assert Path(setup.source).is_relative_to(tmp_path / "home")  # extracted under $AUTOBUSTER_HOME, never the cwd
     preparation.prepare("genbuster")  # idempotent: nothing re-extracted, the pinned set unchanged
     assert json.loads(setup.eval_set("val").read_text()) == val
 

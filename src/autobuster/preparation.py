@@ -25,7 +25,8 @@ def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, mod
     else:
         root = home() / "genbuster"
         root.mkdir(parents=True, exist_ok=True)
-        source = dataset.resolve_source(dataset.download_genbuster(Setup(prof.name, str(root), "", "")))
+        videos = dataset.download_genbuster(Setup(prof.name, str(root), str(root / "videos"), ""))
+        source = dataset.resolve_source(videos)
     root.mkdir(parents=True, exist_ok=True)
     setup = Setup(prof.name, str(root), str(source), model or prof.model or str(root / "model"))
 
