@@ -33,10 +33,11 @@ LORA_RANK = 16
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.0  # dropout would make the importance ratio noisy
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj") + (("gate_proj", "up_proj", "down_proj") if TINY else ())
-# The 7B vision tower is pretrained and stays frozen; the tiny one is a random 2-block ViT that has never
-# learnt to see (with it frozen even supervised training stays at chance), so the tiny profile adapts it too.
-LORA_VISION = TINY
-LEARNING_RATE = 2e-3 if TINY else 1e-5
+# The 7B vision tower is pretrained and stays frozen; the tiny one is a random 2-block ViT that has never learnt to
+# see (frozen, even supervised training stays at chance; LoRA on it learns too slowly), so the tiny profile trains
+# it in full and saves it with the adapter (peft's modules_to_save).
+TRAIN_VISION = TINY
+LEARNING_RATE = float(os.environ.get("LR", 5e-4)) if TINY else 1e-5
 WARMUP = 0.05  # share of the time budget with a linear learning-rate warm-up
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
@@ -202,9 +203,8 @@ def main():
     model, processor = load(BASE_MODEL, four_bit=FOUR_BIT)
     # full-name regex: the short names alone would also hit the vision tower's layers
     targets = rf"language_model\.layers\.\d+\..*\.({'|'.join(LORA_MODULES)})"
-    if LORA_VISION:
-        targets += r"|visual\.(blocks\.\d+\..*\.(qkv|proj|gate_proj|up_proj|down_proj)|merger\.mlp\.[02]|patch_embed\.proj)"
-    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=rf".*({targets})")
+    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=rf".*({targets})",
+                      modules_to_save=["visual"] if TRAIN_VISION else None)
     model = get_peft_model(model, lora)
     if GRADIENT_CHECKPOINTING:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
