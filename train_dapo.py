@@ -37,7 +37,7 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj") + (("gate_proj", "up_pro
 # see (frozen, even supervised training stays at chance; LoRA on it learns too slowly), so the tiny profile trains
 # it in full and saves it with the adapter (peft's modules_to_save).
 TRAIN_VISION = TINY
-LEARNING_RATE = float(os.environ.get("LR", 5e-4)) if TINY else 1e-5
+LEARNING_RATE = 5e-4 if TINY else 1e-5
 WARMUP = 0.05  # share of the time budget with a linear learning-rate warm-up
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0

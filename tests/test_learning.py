@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 3 open: with the default constants the tiny run reaches val F1 0.42-0.75 in the "
-                          "300 s budget, not yet 0.85", strict=False)
+@pytest.mark.xfail(reason="issue 3 open: with the default constants the tiny run reaches val F1 0.80 "
+                          "(from 0.56) in the 300 s budget, not yet 0.85", strict=False)
 def test_dapo_raises_val_f1_to_085(tiny_home, tmp_path):
     env = {**os.environ, "AUTOBUSTER_RUN_DIR": str(tmp_path / "run")}
     r = subprocess.run([sys.executable, "train_dapo.py"], cwd=ROOT, capture_output=True, text=True, env=env)
@@ -25,4 +25,22 @@ def test_dapo_raises_val_f1_to_085(tiny_home, tmp_path):
     first = sum(s["accuracy"] for s in steps[:quarter]) / quarter
     last = sum(s["accuracy"] for s in steps[-quarter:]) / quarter
     assert last > first + 0.1  # rollout accuracy rises
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.xfail(reason="known bug (issue 3): on CPU bitsandbytes' matmul_4bit adds the bias in place on a leaf "
+                          "that requires grad during the update", strict=True)
+def test_qlora_switch_runs_on_the_tiny_model(tiny_home, tmp_path):
+    """FOUR_BIT = True: NF4 base weights, LoRA on top; a short run trains, saves the adapter and is scored."""
+    script = tmp_path / "train_dapo.py"
+    text = (ROOT / "train_dapo.py").read_text()
+    assert "FOUR_BIT = False" in text
+    script.write_text(text.replace("FOUR_BIT = False", "FOUR_BIT = True", 1))
+    env = {**os.environ, "AUTOBUSTER_RUN_DIR": str(tmp_path / "run"), "AUTOBUSTER_TIME_BUDGET": "8",
+           "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "f1:" in r.stdout.split("\n---\n")[-1]
+    steps = [json.loads(line) for line in open(tmp_path / "run" / "train.jsonl")]
+    assert steps and all(s["grad_norm"] == s["grad_norm"] for s in steps)  # no NaN
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
