@@ -1,11 +1,14 @@
 """The proof that the RL loop learns from the video: train_dapo.py with its defaults on the tiny profile."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from autobuster.demo import edit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,9 +36,8 @@ def test_dapo_raises_val_f1_to_085(tiny_home, tmp_path):
 def test_qlora_switch_runs_on_the_tiny_model(tiny_home, tmp_path):
     """FOUR_BIT = True: NF4 base weights, LoRA on top; a short run trains, saves the adapter and is scored."""
     script = tmp_path / "train_dapo.py"
-    text = (ROOT / "train_dapo.py").read_text()
-    assert "FOUR_BIT = False" in text
-    script.write_text(text.replace("FOUR_BIT = False", "FOUR_BIT = True", 1))
+    shutil.copy(ROOT / "train_dapo.py", script)
+    edit(script, ("FOUR_BIT = False", "FOUR_BIT = True"))
     env = {**os.environ, "AUTOBUSTER_RUN_DIR": str(tmp_path / "run"), "AUTOBUSTER_TIME_BUDGET": "8",
            "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, env=env)
