@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 
 from autobuster import dataset, engine, evaluation
 from autobuster.cli import guarded
-from autobuster.model import encode, load
+from autobuster.model import encode, load, lora_targets
 from autobuster.profiles import active
 from autobuster.prompt import is_well_formed, parse_answer
 
@@ -51,7 +51,7 @@ UPDATES_PER_BATCH = 1  # optimizer steps per rollout batch; > 1 adds one no-grad
 DYNAMIC_SAMPLING = True  # drop groups whose samples are all right or all wrong, draw more prompts
 MAX_DRAWS = 4  # prompt draws per step before going on with fewer groups
 MALFORMED_IN_LOSS = False  # False: malformed or truncated replies score -1 but stay out of the loss
-MICRO_BATCH_ROWS = 64 if TINY else 8  # completions per forward/backward
+MICRO_BATCH_TOKENS = 16384  # prompt + completion tokens per forward/backward (memory vs speed)
 GRADIENT_CHECKPOINTING = not TINY
 TIME_BUDGET = SETUP.time_budget  # seconds of rollouts + updates; fixed per profile by prepare.py
 SEED = 0
@@ -137,45 +137,50 @@ def rollout(model, processor, clips, stats):
 
 
 def collate(processor, groups):
-    """Prompt batch repeated G times, completions padded to one length, advantages and the loss mask."""
-    prompts = engine.repeat_rows(encode(processor, [g["frames"] for g in groups], SETUP.settings.pixel_cap),
-                                 GROUP_SIZE)
+    """The prompt batch (one row per group), completions padded to one length, the prompt of each completion,
+    advantages and the loss mask."""
+    prompts = encode(processor, [g["frames"] for g in groups], SETUP.settings.pixel_cap)
     width = max(g["ids"].shape[1] for g in groups)
     pad = processor.tokenizer.pad_token_id
     ids = torch.cat([torch.nn.functional.pad(g["ids"], (0, width - g["ids"].shape[1]), value=pad) for g in groups])
     mask = torch.cat([torch.nn.functional.pad(g["mask"], (0, width - g["mask"].shape[1])) for g in groups]).float()
+    prompt_of_row = torch.arange(len(groups)).repeat_interleave(GROUP_SIZE)
     adv = group_advantages(torch.tensor([g["rewards"] for g in groups])).flatten()
     if not MALFORMED_IN_LOSS:
         mask = mask * torch.tensor([w for g in groups for w in g["well_formed"]]).float().unsqueeze(1)
-    return prompts, ids, mask, adv
+    return prompts, ids, mask, adv, prompt_of_row
 
 
 # ---------------------------------------------------------------- update
 
 
 def update(model, opt, processor, groups, stats):
-    prompts, ids, mask, adv = collate(processor, groups)
+    prompts, ids, mask, adv, prompt_of_row = collate(processor, groups)
     device = next(model.parameters()).device
+    prompts = {k: v.to(device) for k, v in prompts.items()}
     ids, mask, adv = ids.to(device), mask.to(device), adv.to(device)
     rows = torch.arange(len(ids))
+    micro_rows = max(1, MICRO_BATCH_TOKENS // (prompts["input_ids"].shape[1] + ids.shape[1]))
+    features = None
+    if not TRAIN_VISION:  # a frozen tower sees each video once per step, whatever the number of passes
+        with torch.no_grad():
+            features = engine.video_features(model, prompts)
 
-    def micro(part):
-        return {k: v[part] for k, v in prompts.items() if k != "pixel_values_videos"} | {
-            "pixel_values_videos": torch.cat([prompts["pixel_values_videos"].split(
-                prompts["video_grid_thw"].prod(-1).tolist())[i] for i in part.tolist()])}
+    def logprobs(part):
+        return engine.token_logprobs(model, prompts, ids[part], TEMPERATURE, prompt_of_row=prompt_of_row[part],
+                                     features=features)
 
     old = None
     if UPDATES_PER_BATCH > 1:  # the policy moves between updates: freeze the sampling policy's log-probs
         with torch.no_grad():
-            old = torch.cat([engine.token_logprobs(model, micro(p), ids[p], TEMPERATURE)
-                             for p in rows.split(MICRO_BATCH_ROWS)])
+            old = torch.cat([logprobs(p) for p in rows.split(micro_rows)])
     losses, clip_low, clip_high, norms = [], 0, 0, []
     for mini in rows.chunk(UPDATES_PER_BATCH):
         n_tokens = mask[mini].sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for part in mini.split(MICRO_BATCH_ROWS):
-            logp = engine.token_logprobs(model, micro(part), ids[part], TEMPERATURE)
+        for part in mini.split(micro_rows):
+            logp = logprobs(part)
             ref = logp.detach() if old is None else old[part]
             loss, lo, hi = dapo_loss(logp, ref, adv[part], mask[part], n_tokens)
             loss.backward()
@@ -201,9 +206,8 @@ def main():
     torch.manual_seed(SEED)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     model, processor = load(BASE_MODEL, four_bit=FOUR_BIT)
-    # full-name regex: the short names alone would also hit the vision tower's layers
-    targets = rf"language_model\.layers\.\d+\..*\.({'|'.join(LORA_MODULES)})"
-    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=rf".*({targets})",
+    lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+                      target_modules=lora_targets(LORA_MODULES),
                       modules_to_save=["visual"] if TRAIN_VISION else None)
     model = get_peft_model(model, lora)
     if GRADIENT_CHECKPOINTING:

@@ -1,5 +1,7 @@
 """The engine against Hugging Face: greedy generation token for token, log-probs against a full forward,
 and the model loading paths (4-bit on CPU, 4 fps temporal positions)."""
+import copy
+
 import pytest
 import torch
 
@@ -32,12 +34,19 @@ def test_greedy_matches_hf_generate(policy):
             assert ours.ids[i, :k].tolist() == ref[i, :k].tolist()
 
 
+def repeat(batch, n):
+    """The oracle's input: every prompt and its video repeated n times, as Hugging Face would see G samples."""
+    out = {k: v.repeat_interleave(n, 0) for k, v in batch.items() if k != "pixel_values_videos"}
+    chunks = batch["pixel_values_videos"].split(batch["video_grid_thw"].prod(-1).tolist())
+    return out | {"pixel_values_videos": torch.cat([c for c in chunks for _ in range(n)])}
+
+
 def test_token_logprobs_match_a_full_forward(policy):
     m, p = policy
     batch = model.encode(p, clips(2), 56 * 56)
     done = engine.generate(m, p, batch, num_samples=3, max_new_tokens=12)
-    rows = engine.repeat_rows(batch, 3)
-    ours = engine.token_logprobs(m, rows, done.ids)
+    ours = engine.token_logprobs(m, batch, done.ids, prompt_of_row=torch.arange(2).repeat_interleave(3))
+    rows = repeat(batch, 3)
     full = torch.cat([rows["input_ids"], done.ids], 1)
     mask = torch.cat([rows["attention_mask"], torch.ones_like(done.ids)], 1)
     with torch.no_grad():
@@ -47,6 +56,47 @@ def test_token_logprobs_match_a_full_forward(policy):
     ref = logits[:, rows["input_ids"].shape[1] - 1:-1].float().log_softmax(-1)
     ref = ref.gather(-1, done.ids.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(ours, ref, atol=1e-4)
+    # a subset of rows (a micro-batch) gives the same values, whichever prompts it touches
+    part = torch.tensor([4, 5])
+    sub = engine.token_logprobs(m, batch, done.ids[part], prompt_of_row=torch.tensor([1, 1]))
+    assert torch.allclose(sub, ref[part], atol=1e-4)
+
+
+def test_sampling_follows_the_softmax(policy):
+    """Empirical first-token frequencies of 4,000 samples against softmax(logits / T) of a plain forward."""
+    m, p = policy
+    batch = model.encode(p, clips(1), 56 * 56)
+    n, temperature = 4000, 1.7
+    done = engine.generate(m, p, batch, num_samples=n, max_new_tokens=1, temperature=temperature)
+    with torch.no_grad():
+        logits = m(**batch).logits[0, -1].float()
+    logits[engine.banned_ids(p.tokenizer)] = float("-inf")
+    prob = (logits / temperature).softmax(-1)
+    freq = torch.bincount(done.ids[:, 0], minlength=len(prob)).float() / n
+    assert prob.max() < 0.9  # a spread-out distribution, or the test would prove little
+    assert ((freq - prob).abs() <= 5 * (prob * (1 - prob) / n).sqrt() + 1e-3).all()
+
+
+def test_rollouts_see_the_lora_weights_and_leave_the_base_intact(policy):
+    from peft import LoraConfig, get_peft_model
+    m, p = policy
+    peft_model = get_peft_model(copy.deepcopy(m), LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)"))
+    for name, w in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(w, std=0.5)  # peft starts B at zero: make the adapter change the outputs
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    batch = model.encode(p, clips(3, seed=7), 56 * 56)
+    ours = engine.generate(peft_model, p, batch, greedy=True, max_new_tokens=16)
+    ref = peft_model.generate(**batch, do_sample=False, max_new_tokens=16, eos_token_id=engine.end_ids(p.tokenizer),
+                              pad_token_id=p.tokenizer.pad_token_id, suppress_tokens=engine.banned_ids(p.tokenizer))
+    ref = ref[:, batch["input_ids"].shape[1]:]
+    base = engine.generate(m, p, batch, greedy=True, max_new_tokens=16)
+    assert ours.ids.tolist() != base.ids.tolist()  # the adapter matters
+    for i in range(3):
+        k = int(ours.lengths[i])
+        assert ours.ids[i, :k].tolist() == ref[i, :k].tolist()
+    after = peft_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_sampling_ignores_shipped_top_k_and_never_samples_special_tokens(policy):

@@ -1,4 +1,4 @@
-"""The `autobuster` command: init, run, status, train, demo."""
+"""The `autobuster` command: init, run, status, train, demo, bench."""
 import argparse
 import sys
 
@@ -30,6 +30,18 @@ def main(argv=None):
     s = sub.add_parser("train", help="a long run of the current train_dapo.py, recorded with status long")
     s.add_argument("--hours", type=float, required=True)
     sub.add_parser("demo", help="the whole pipeline on the tiny profile, offline, on CPU, in a scratch folder")
+    s = sub.add_parser("bench", help="engine vs plain Hugging Face speed and memory at a real size, random weights")
+    s.add_argument("--size", default="7b", help="7b, 3b or tiny")
+    s.add_argument("--frames", type=int, default=16)
+    s.add_argument("--side", type=int, default=448, help="frame side in pixels (448 -> 2,048 video tokens)")
+    s.add_argument("--prompts", type=int, default=8, help="prompts (videos) per step")
+    s.add_argument("--group", type=int, default=8, help="G samples per prompt")
+    s.add_argument("--new-tokens", type=int, default=512)
+    s.add_argument("--four-bit", action="store_true", help="NF4 base weights (QLoRA)")
+    s.add_argument("--no-plain", action="store_true", help="skip the plain Hugging Face path")
+    s.add_argument("--micro-tokens", type=int, default=16384, help="engine update: tokens per micro-batch")
+    s.add_argument("--check", action="store_true", help="greedy agreement with generate, first 64 tokens")
+    s.add_argument("--json", help="write the results to this file")
     a = p.parse_args(argv)
     from . import loop
     if a.cmd == "init":
@@ -40,6 +52,10 @@ def main(argv=None):
         guarded(loop.status, a.json)
     elif a.cmd == "train":
         guarded(loop.run, f"long run, {a.hours:g} h", int(a.hours * 3600), True)
+    elif a.cmd == "bench":
+        from .bench import bench
+        guarded(bench, a.size, a.frames, a.side, a.prompts, a.group, a.new_tokens, a.four_bit, not a.no_plain,
+                a.micro_tokens, check=a.check, out=a.json)
     elif a.cmd == "demo":
         from .demo import demo
         guarded(demo)

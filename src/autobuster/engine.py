@@ -1,14 +1,19 @@
 """The generation and log-prob engine shared by rollouts and evaluation.
 
-This is the simple, correct implementation on top of Hugging Face `generate`; the performance work keeps
-these two functions' interfaces (`generate`, `token_logprobs`) and makes them fast."""
+Hugging Face `generate` runs the vision tower and the prompt prefill once per sample and decodes step by step in
+Python. Here each video goes through the vision tower once, each prompt is prefilled once and its KV cache copied
+to its G rows of a preallocated cache, and the decode step (all layers, sampling included) is one CUDA graph on
+the GPU, replayed until every row has ended. The model's own layers do the maths, so greedy outputs equal
+`generate` token for token (tests/test_engine.py)."""
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from .model import unwrap
+
+EXIT_CHECK_EVERY = 16  # decode steps between checks that every row has ended (each check syncs with the GPU)
 
 
 @dataclass
@@ -41,67 +46,203 @@ def completion_mask(ids: torch.Tensor, ends: list[int]) -> tuple[torch.Tensor, t
     return (~seen_before).long(), ~is_end.any(1)
 
 
-class _Track(LogitsProcessor):
-    """Keeps the raw logits of a few token ids at every decoding step (for P(fake) at the answer letter)."""
+# ---------------------------------------------------------------- inputs
 
-    def __init__(self, ids):
-        self.ids, self.steps = ids, []
 
-    def __call__(self, input_ids, scores):
-        self.steps.append(scores[:, self.ids].float().cpu())
-        return scores
+def video_features(model, batch, prompts: list[int] | None = None) -> dict[int, torch.Tensor]:
+    """The vision tower's output for the videos of `prompts` (all by default): prompt index -> [tokens, hidden]."""
+    prompts = list(range(len(batch["input_ids"]))) if prompts is None else prompts
+    grid = batch["video_grid_thw"]
+    pixels = batch["pixel_values_videos"].split(grid.prod(-1).tolist())
+    out = unwrap(model).model.get_video_features(torch.cat([pixels[i] for i in prompts]), grid[prompts],
+                                                 return_dict=True)
+    return dict(zip(prompts, out.pooler_output))
+
+
+def _inputs(core, batch, features, rows=None, ids=None):
+    """(embeddings, 3-D rope positions, attention mask) for `rows` of the prompt batch (all by default), with the
+    video features scattered into the video tokens and optional completion `ids` appended."""
+    rows = torch.arange(len(batch["input_ids"])) if rows is None else rows
+    input_ids, attention, mm = (batch[k][rows] for k in ("input_ids", "attention_mask", "mm_token_type_ids"))
+    if ids is not None:
+        input_ids = torch.cat([input_ids, ids], 1)
+        attention = torch.cat([attention, torch.ones_like(ids)], 1)
+        mm = torch.cat([mm, torch.zeros_like(ids)], 1)
+    embeds = core.model.get_input_embeddings()(input_ids)
+    video = torch.cat([features[i] for i in rows.tolist()]).to(embeds.dtype)
+    embeds = embeds.masked_scatter((input_ids == core.config.video_token_id).unsqueeze(-1), video)
+    positions, _ = core.model.get_rope_index(input_ids, mm, video_grid_thw=batch["video_grid_thw"][rows],
+                                             second_per_grid_ts=batch["second_per_grid_ts"][rows],
+                                             attention_mask=attention)
+    return embeds, positions, attention
+
+
+# ---------------------------------------------------------------- generation
+
+
+class _StaticCache:
+    """Preallocated keys and values of every layer, [rows, kv heads, prompt + new tokens, head dim]. The attention
+    layers call `update`, which writes the new token at `self.pos` in place: no shape changes, so one CUDA graph
+    serves every decode step."""
+
+    def __init__(self, prefill, num_samples: int, total: int):
+        self.pos = torch.zeros(1, dtype=torch.long, device=prefill.layers[0].keys.device)
+        self.keys, self.values = [], []
+        for layer in prefill.layers:
+            for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
+                b, h, p, d = src.shape
+                buf = src.new_zeros(b, num_samples, h, total, d)
+                buf[:, :, :, :p] = src[:, None]  # the prompt's cache, shared by its G rows
+                dst.append(buf.view(b * num_samples, h, total, d))
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.pos, key)
+        self.values[layer_idx].index_copy_(2, self.pos, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+@contextmanager
+def merged_lora(model):
+    """LoRA folded into fresh copies of the base weights while decoding: one matmul per layer instead of three.
+    The original tensors are put back afterwards (merging and unmerging in place would drift in bf16). 4-bit
+    weights stay unmerged."""
+    from peft.tuners.lora import LoraLayer
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged
+              and isinstance(m.base_layer, torch.nn.Linear) and m.base_layer.weight.is_floating_point()
+              and m.active_adapters]
+    saved = [m.base_layer.weight.data for m in layers]
+    try:
+        for m, w in zip(layers, saved):
+            m.base_layer.weight.data = w + sum(m.get_delta_weight(a) for a in m.active_adapters).to(w.dtype)
+            m.merged_adapters = list(m.active_adapters)
+        yield
+    finally:
+        for m, w in zip(layers, saved):
+            m.base_layer.weight.data = w
+            m.merged_adapters = []
 
 
 @torch.no_grad()
+def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int], banned: list[int], pad: int,
+           greedy: bool = False, temperature: float = 1.0, track_ids: list[int] | None = None,
+           cuda_graph: bool | None = None):
+    """(ids [rows, steps], tracked logits or None). Rows are prompt-major; a row that ended gets `pad`. With no
+    `ends` every row runs to max_new_tokens (the benchmark's setting)."""
+    core = unwrap(model)
+    lm = core.model.language_model
+    device = core.lm_head.weight.device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    embeds, positions, attention = _inputs(core, batch, video_features(model, batch))
+    out = lm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True)
+    first = core.lm_head(out.last_hidden_state[:, -1]).float().repeat_interleave(num_samples, 0)
+
+    rows, prompt_len = len(first), embeds.shape[1]
+    total = prompt_len + max_new_tokens
+    cache = _StaticCache(out.past_key_values, num_samples, total)
+    del out
+    mask = torch.zeros(rows, 1, 1, total, dtype=torch.bool, device=device)
+    mask[:, 0, 0, :prompt_len] = attention.bool().repeat_interleave(num_samples, 0)
+    next_pos = (positions.amax((0, 2)) + 1).repeat_interleave(num_samples, 0)  # text continues after the video
+    ends_t = torch.tensor(ends, dtype=torch.long, device=device)
+    banned_t = torch.tensor(banned, dtype=torch.long, device=device)
+    track_t = torch.tensor(track_ids or [], dtype=torch.long, device=device)
+    ids = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+    tracked = torch.zeros(rows, max_new_tokens, len(track_t), device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    step = torch.zeros(1, dtype=torch.long, device=device)  # index of the token chosen last
+
+    def choose(logits):  # logits [rows, vocab] of position `step`; writes the token there
+        tracked.index_copy_(1, step, logits[:, track_t].unsqueeze(1))
+        logits = logits.index_fill(1, banned_t, float("-inf"))
+        if not greedy:  # Gumbel-max: a sample from softmax(logits / T), drawn on the device without a sync
+            logits = logits / temperature - torch.empty_like(logits).exponential_().log()
+        token = torch.where(done, pad, logits.argmax(-1))
+        ids.index_copy_(1, step, token.unsqueeze(1))
+        done.logical_or_(torch.isin(token, ends_t))
+        return token
+
+    def step_fn():  # feed the token at `step`, choose the one after it
+        token = ids.index_select(1, step).squeeze(1)
+        cache.pos.copy_(step + prompt_len)
+        mask.index_fill_(3, cache.pos, True)
+        h = lm.embed_tokens(token).unsqueeze(1)
+        pos = (next_pos + step).view(1, rows, 1).expand(3, rows, 1)
+        rope = lm.rotary_emb(h, pos)
+        for layer in lm.layers:
+            h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+        logits = core.lm_head(lm.norm(h[:, -1])).float()
+        step.add_(1)
+        choose(logits)
+
+    choose(first)
+    run = step_fn
+    if (device.type == "cuda") if cuda_graph is None else cuda_graph:
+        run = _graphed(step_fn, [ids, tracked, done, step, mask, cache.pos, *cache.keys, *cache.values])
+    every = EXIT_CHECK_EVERY if device.type == "cuda" else 1
+    for t in range(1, max_new_tokens):
+        if t % every == 0 and len(ends) and bool(done.all()):
+            break
+        run()
+    n = int(step.item()) + 1
+    return ids[:, :n], (tracked[:, :n].cpu() if track_ids else None)
+
+
+def _graphed(fn, state: list[torch.Tensor]):
+    """`fn` captured as a CUDA graph. Capture needs warm-up runs, which change the state tensors: they are
+    saved first and restored after."""
+    saved = [t.clone() for t in state]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    for t, s in zip(state, saved):
+        t.copy_(s)
+    return graph.replay
+
+
 def generate(model, processor, batch, num_samples: int = 1, max_new_tokens: int = 64, greedy: bool = False,
              temperature: float = 1.0, track_ids: list[int] | None = None) -> Completions:
-    """Sample `num_samples` completions per prompt (or one greedy completion). Every sampling setting is set
-    here: temperature as given, top_p 1, top_k off, no repetition penalty (Qwen2.5-VL ships top_k = 1)."""
+    """Sample `num_samples` completions per prompt (or one greedy completion). Sampling is plain softmax sampling
+    at `temperature`: no top-k (Qwen2.5-VL ships top_k = 1), top-p or repetition penalty, whatever the model's
+    generation config says; special tokens other than the end tokens are never chosen."""
     tok = processor.tokenizer
     ends = end_ids(tok)
-    sampling = {} if greedy else dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-    config = GenerationConfig(
-        **sampling, repetition_penalty=1.0, num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
-        eos_token_id=ends, pad_token_id=tok.pad_token_id, suppress_tokens=banned_ids(tok))
-    track = _Track(track_ids) if track_ids else None
-    batch = batch.to(model.device)
-    out = model.generate(**batch, generation_config=config,
-                         logits_processor=LogitsProcessorList([track]) if track else None)
-    ids = out[:, batch["input_ids"].shape[1]:]
-    if ids.shape[1] == 0:
-        ids = torch.full((len(out), 1), ends[0], device=out.device)
+    with merged_lora(model):
+        ids, tracked = decode(model, batch, 1 if greedy else num_samples, max_new_tokens, ends, banned_ids(tok),
+                              tok.pad_token_id, greedy=greedy, temperature=temperature, track_ids=track_ids)
     mask, truncated = completion_mask(ids, ends)
-    ids = ids.masked_fill(mask == 0, tok.pad_token_id)
+    ids = ids.masked_fill(mask == 0, tok.pad_token_id).cpu()
+    mask, truncated = mask.cpu(), truncated.cpu()
     texts = tok.batch_decode(ids, skip_special_tokens=True)
-    tracked = torch.stack(track.steps, 1) if track and track.steps else None
     return Completions(ids, mask, mask.sum(1), truncated, texts, tracked)
 
 
-def repeat_rows(batch, n: int):
-    """The prompt batch with every prompt repeated n times (prompt-major), videos included."""
-    out = {k: v.repeat_interleave(n, 0) for k, v in batch.items()
-           if k in ("input_ids", "attention_mask", "mm_token_type_ids", "video_grid_thw", "second_per_grid_ts")}
-    per_video = (batch["video_grid_thw"].prod(-1)).tolist()
-    chunks = batch["pixel_values_videos"].split(per_video)
-    out["pixel_values_videos"] = torch.cat([c for c in chunks for _ in range(n)])
-    return out
+# ---------------------------------------------------------------- log-probs
 
 
-def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 8) -> torch.Tensor:
+def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 8,
+                   prompt_of_row: torch.Tensor | None = None, features: dict[int, torch.Tensor] | None = None
+                   ) -> torch.Tensor:
     """log p(ids | prompt) per completion token, [rows, L], with gradients if enabled.
 
-    `batch` holds one prompt per row (already repeated to match `ids`). Only completion positions reach
-    lm_head, chunk by chunk under checkpointing, so no [rows, seq, vocab] fp32 tensor ever exists."""
+    Row r of `ids` continues prompt `prompt_of_row[r]` of `batch` (by default prompt r). Each video goes through
+    the vision tower once whatever its number of rows (or not at all when its `features` are given). Only
+    completion positions reach lm_head, chunk by chunk under checkpointing, so no [rows, seq, vocab] fp32 tensor
+    ever exists."""
     core = unwrap(model)
+    ids = ids.to(core.lm_head.weight.device)
     batch = {k: v.to(ids.device) for k, v in batch.items()}
+    rows = torch.arange(len(ids)) if prompt_of_row is None else prompt_of_row.cpu()
+    features = features or video_features(model, batch, rows.unique().tolist())
+    embeds, positions, attention = _inputs(core, batch, features, rows, ids)
     prompt_len = batch["input_ids"].shape[1]
-    input_ids = torch.cat([batch["input_ids"], ids], 1)
-    attention = torch.cat([batch["attention_mask"], torch.ones_like(ids)], 1)
-    mm = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids)], 1)
-    core.model.rope_deltas = None  # positions come from this batch, never from an earlier generate
-    hidden = core.model(input_ids=input_ids, attention_mask=attention, mm_token_type_ids=mm,
-                        pixel_values_videos=batch["pixel_values_videos"], video_grid_thw=batch["video_grid_thw"],
-                        second_per_grid_ts=batch["second_per_grid_ts"], use_cache=False).last_hidden_state
+    hidden = core.model.language_model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                                       use_cache=False).last_hidden_state
     hidden = hidden[:, prompt_len - 1:-1]  # position t predicts token t + 1
 
     def rows_logprobs(h, target):

@@ -24,15 +24,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def nf4(dtype: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's NF4 with double quantisation; the vision tower and lm_head stay unquantised."""
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["model.visual", "lm_head"])
+
+
 def load(path: str, adapter: str | None = None, four_bit: bool = False, device: torch.device | None = None):
-    """(model, processor). bf16 on GPU, fp32 on CPU; 4-bit keeps the vision tower and lm_head unquantised."""
+    """(model, processor). bf16 on GPU, fp32 on CPU, NF4 base weights with `four_bit`."""
     check_transformers()
     device = device or default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    quant = None
-    if four_bit:
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["model.visual", "lm_head"])
+    quant = nf4(dtype) if four_bit else None
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             path, dtype=dtype, quantization_config=quant, use_safetensors=True, device_map={"": device})
@@ -46,6 +49,12 @@ def load(path: str, adapter: str | None = None, four_bit: bool = False, device: 
             model = model.merge_and_unload()  # plain weights decode faster
     model.eval()
     return model, processor
+
+
+def lora_targets(modules) -> str:
+    """A peft target regex for the language model's layers only: the short names (q_proj, up_proj, ...) alone
+    would also hit the vision tower's."""
+    return rf".*language_model\.layers\.\d+\..*\.({'|'.join(modules)})"
 
 
 def unwrap(model):

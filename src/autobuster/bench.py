@@ -1,0 +1,263 @@
+"""`autobuster bench`: the engine against the plain Hugging Face path, in one run, at a real Qwen2.5-VL size with
+random weights (nothing is downloaded). Random weights never emit the end token on purpose, so every row decodes
+the full length; the decode floor (weights + KV cache read once per step at the measured copy bandwidth) is
+worked out for the same setting.
+
+    uv run autobuster bench --size 7b --frames 16 --side 448 --prompts 8 --group 8 --new-tokens 512
+"""
+import json
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from . import engine
+from .errors import UserError
+from .model import lora_targets, nf4
+
+TEXT = {  # language-model shapes of the public checkpoints
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=152064),
+}
+VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,  # the same tower for 3B and 7B
+              fullatt_block_indexes=[7, 15, 23, 31])
+TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1])
+SPECIAL = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+TEXT_TOKENS = 142  # the BusterX++ prompt and chat template around the video (2,190 - 2,048 at 448²)
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # train_dapo.py's default for the real profiles
+
+
+def config(size: str) -> Qwen2_5_VLConfig:
+    vision = TINY_VISION if size == "tiny" else VISION
+    text = TEXT[size] | dict(max_position_embeddings=128000, rms_norm_eps=1e-6,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]
+                                              if size != "tiny" else [2, 3, 3]})
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision | dict(out_hidden_size=text["hidden_size"], patch_size=14,
+                                                      spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                                                      tokens_per_second=2),
+        tie_word_embeddings=size == "3b", **SPECIAL)
+
+
+def random_model(size: str, four_bit: bool, device: torch.device):
+    """Random weights at the real shapes; 4-bit goes through a saved checkpoint, as a real one is loaded."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config(size), dtype=dtype)
+    if four_bit:
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            del model
+            torch.cuda.empty_cache()
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                tmp, dtype=dtype, quantization_config=nf4(dtype), device_map={"": device})
+    return model.eval()
+
+
+def prompts(n: int, frames: int, side: int, vocab: int, seed: int = 0) -> dict:
+    """A batch shaped like encode()'s: chat text around one video of `frames` frames at side² (random pixels)."""
+    g = torch.Generator().manual_seed(seed)
+    t, h = frames // 2, side // 14 // 2 * 2
+    video = t * h * h // 4
+    text = torch.randint(0, min(vocab, 151643), (n, TEXT_TOKENS), generator=g)
+    ids = torch.cat([text[:, :15], torch.full((n, 1), SPECIAL["vision_start_token_id"]),
+                     torch.full((n, video), SPECIAL["video_token_id"]),
+                     torch.full((n, 1), SPECIAL["vision_end_token_id"]), text[:, 17:]], 1)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                mm_token_type_ids=(ids == SPECIAL["video_token_id"]).long() * 2,
+                pixel_values_videos=torch.randn(n * t * h * h, 3 * 2 * 14 * 14, generator=g),
+                video_grid_thw=torch.tensor([[t, h, h]] * n), second_per_grid_ts=torch.tensor([0.5] * n))
+
+
+@contextmanager
+def clock(out: dict, key: str):
+    """Wall seconds of the block into out[key], with the GPU drained on both sides."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    yield
+    sync()
+    out[key] = time.perf_counter() - t0
+
+
+def peak_gb(reset: bool = False) -> float:
+    if not torch.cuda.is_available():
+        return 0.0
+    gb = torch.cuda.max_memory_allocated() / 1e9
+    if reset:
+        torch.cuda.reset_peak_memory_stats()
+    return gb
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (the decode floor's denominator)."""
+    if not torch.cuda.is_available():
+        return float("nan")
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    r = {}
+    with clock(r, "s"):
+        for _ in range(10):
+            y.copy_(x)
+    return 2 * 10 * x.numel() / r["s"]
+
+
+def engine_rollout(model, batch, group, new, r):
+    """Vision + prefill + first token, then the full rollout."""
+    kw = dict(ends=[], banned=[], pad=0)
+    engine.decode(model, batch, group, 2, **kw)  # warm-up: kernels, allocator, graph capture
+    with clock(r, "prefill_s"):
+        engine.decode(model, batch, group, 1, **kw)
+    peak_gb(reset=True)
+    with clock(r, "rollout_s"):
+        ids, _ = engine.decode(model, batch, group, new, **kw)
+    r["rollout_peak_gb"] = peak_gb(reset=True)
+    return ids
+
+
+def engine_update(model, batch, ids, group, micro_tokens, r):
+    """Old log-probs (no grad) and one forward/backward over every completion, micro-batched by token budget."""
+    prompt_of_row = torch.arange(len(batch["input_ids"])).repeat_interleave(group)
+    rows = torch.arange(len(ids))
+    micro = rows.split(max(1, micro_tokens // (batch["input_ids"].shape[1] + ids.shape[1])))
+    adv = torch.randn(len(ids), device=ids.device)
+    batch = {k: v.to(ids.device) for k, v in batch.items()}
+    with clock(r, "update_s"):
+        with torch.no_grad():
+            features = engine.video_features(model, batch)  # the 7B tower is frozen: once per video
+            old = [engine.token_logprobs(model, batch, ids[p], prompt_of_row=prompt_of_row[p], features=features)
+                   for p in micro]
+        for p, o in zip(micro, old):
+            logp = engine.token_logprobs(model, batch, ids[p], prompt_of_row=prompt_of_row[p], features=features)
+            (-(torch.exp(logp - o) * adv[p, None]).sum() / ids.numel()).backward()
+    r["update_peak_gb"] = peak_gb(reset=True)
+
+
+def plain_rollout(model, batch, group, new, r):
+    """Hugging Face generate: every sample repeats the vision tower and the prefill."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=group)
+    model.generate(**batch, max_new_tokens=2, min_new_tokens=2, **kw)
+    with clock(r, "prefill_s"):
+        model.generate(**batch, max_new_tokens=1, min_new_tokens=1, **kw)
+    peak_gb(reset=True)
+    with clock(r, "rollout_s"):
+        out = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, **kw)
+    r["rollout_peak_gb"] = peak_gb(reset=True)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def plain_update(model, batch, ids, group, rows_per_micro, r):
+    """Full logits over prompt + completion, the vision tower once per sample, micro-batches of whole rows."""
+    rep = {k: v.repeat_interleave(group, 0) for k, v in batch.items() if k != "pixel_values_videos"}
+    pixels = batch["pixel_values_videos"].split(batch["video_grid_thw"].prod(-1).tolist())
+    rep["pixel_values_videos"] = torch.cat([p for p in pixels for _ in range(group)])
+    rep = {k: v.to(ids.device) for k, v in rep.items()}
+    per_video = len(pixels[0])
+    plen = rep["input_ids"].shape[1]
+
+    def logprobs(p):
+        ext = dict(input_ids=torch.cat([rep["input_ids"][p], ids[p]], 1),
+                   attention_mask=torch.cat([rep["attention_mask"][p], torch.ones_like(ids[p])], 1),
+                   mm_token_type_ids=torch.cat([rep["mm_token_type_ids"][p], torch.zeros_like(ids[p])], 1),
+                   pixel_values_videos=rep["pixel_values_videos"][p[0] * per_video:(p[-1] + 1) * per_video],
+                   video_grid_thw=rep["video_grid_thw"][p], second_per_grid_ts=rep["second_per_grid_ts"][p])
+        logits = model(**ext).logits[:, plen - 1:-1].float()
+        return logits.log_softmax(-1).gather(-1, ids[p].unsqueeze(-1)).squeeze(-1)
+
+    micro = torch.arange(len(ids)).split(rows_per_micro)
+    adv = torch.randn(len(ids), device=ids.device)
+    with clock(r, "update_s"):
+        with torch.no_grad():
+            old = [logprobs(p) for p in micro]
+        for p, o in zip(micro, old):
+            (-(torch.exp(logprobs(p) - o) * adv[p, None]).sum() / ids.numel()).backward()
+    r["update_peak_gb"] = peak_gb(reset=True)
+
+
+def greedy_agreement(model, batch, n: int = 64) -> float:
+    """Share of the first n greedy tokens where the engine and Hugging Face generate agree (one row per prompt)."""
+    ours, _ = engine.decode(model, batch, 1, n, ends=[], banned=[], pad=0, greedy=True)
+    ref = model.generate(**{k: v.to(model.device) for k, v in batch.items()}, do_sample=False, max_new_tokens=n,
+                         min_new_tokens=n)[:, batch["input_ids"].shape[1]:]
+    return (ours == ref).float().mean().item()
+
+
+def with_lora(model):
+    lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=lora_targets(LORA_MODULES)))
+    lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora.enable_input_require_grads()
+    return lora
+
+
+def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_tokens=512, four_bit=False,
+          plain=True, micro_tokens=16384, plain_micro_rows=8, check=False, out=None):
+    if size not in TEXT:
+        raise UserError(f"unknown --size {size!r}: use one of {', '.join(TEXT)}")
+    if frames % 2 or side < 56:
+        raise UserError("--frames must be even and --side at least 56")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = random_model(size, four_bit, device)
+    batch = prompts(prompts_per_step, frames, side, TEXT[size]["vocab_size"])
+    rows, plen = prompts_per_step * group, batch["input_ids"].shape[1]
+    setting = dict(size=size, frames=frames, side=side, prompt_tokens=plen, prompts=prompts_per_step, group=group,
+                   rows=rows, new_tokens=new_tokens, weights="nf4" if four_bit else "bf16",
+                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+    print(json.dumps(setting))
+    result = dict(setting=setting, weights_gb=peak_gb(reset=True))
+    if check:
+        result["greedy_agreement"] = greedy_agreement(model, batch)
+        print(f"greedy agreement (first 64 tokens): {result['greedy_agreement']:.4f}", flush=True)
+    model = with_lora(model)
+    paths = [("engine", engine_rollout, engine_update, micro_tokens)]
+    if plain:
+        paths.append(("plain", plain_rollout, plain_update, plain_micro_rows))
+    for name, rollout, update, micro in paths:
+        r = {}
+        try:
+            model.eval()
+            with engine.merged_lora(model) if name == "engine" else torch.no_grad():
+                ids = rollout(model, batch, group, new_tokens, r)
+            model.train()
+            update(model, batch, ids, group, micro, r)
+            model.zero_grad(set_to_none=True)
+        except torch.OutOfMemoryError:
+            r["oom"] = True
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        if "rollout_s" in r:
+            r["rollout_tokens_per_s"] = rows * new_tokens / r["rollout_s"]
+            r["decode_ms_per_step"] = 1000 * (r["rollout_s"] - r["prefill_s"]) / (new_tokens - 1)
+        if "update_s" in r:
+            r["update_tokens_per_s"] = rows * new_tokens / r["update_s"]
+            r["step_s"] = r["rollout_s"] + r["update_s"]
+        result[name] = r
+        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+    bw = copy_bandwidth()
+    text = TEXT[size]
+    kv_per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * (
+        text["hidden_size"] // text["num_attention_heads"]) * 2
+    lm_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "visual" not in n)
+    floor_s = (lm_bytes + rows * (plen + new_tokens / 2) * kv_per_token) / (bw / 2)  # read once per step
+    result["floor"] = dict(copy_tb_per_s=bw / 1e12, decode_ms_per_step=1000 * floor_s, tokens_per_s=rows / floor_s)
+    if plain and "rollout_s" in result.get("plain", {}) and "rollout_s" in result["engine"]:
+        e, p = result["engine"], result["plain"]
+        result["ratios"] = dict(rollout=e["rollout_tokens_per_s"] / p["rollout_tokens_per_s"],
+                                update=p.get("update_s", float("nan")) / e.get("update_s", float("nan")),
+                                step=p.get("step_s", float("nan")) / e.get("step_s", float("nan")))
+    print("floor", json.dumps(result["floor"]))
+    if "ratios" in result:
+        print("ratios", json.dumps(result["ratios"]))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result

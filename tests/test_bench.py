@@ -1,0 +1,25 @@
+"""`autobuster bench` end to end on CPU at the tiny size: both paths measured, the engine's greedy tokens equal to
+Hugging Face generate's on the same random model."""
+import json
+
+import pytest
+
+from autobuster.bench import bench
+from autobuster.cli import main
+
+
+def test_bench_runs_both_paths_and_agrees_with_generate(tmp_path):
+    out = tmp_path / "bench.json"
+    main(["bench", "--size", "tiny", "--frames", "4", "--side", "56", "--prompts", "2", "--group", "2",
+          "--new-tokens", "4", "--check", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["greedy_agreement"] == 1.0
+    assert r["setting"]["rows"] == 4 and r["setting"]["prompt_tokens"] == 142 + (4 // 2) * (56 // 28) ** 2  # text + video tokens
+    for path in ("engine", "plain"):
+        assert r[path]["rollout_tokens_per_s"] > 0 and r[path]["update_s"] > 0
+
+
+def test_bench_refuses_an_unknown_size(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--size", "13b"])
+    assert "unknown --size" in capsys.readouterr().err
