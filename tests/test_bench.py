@@ -13,7 +13,7 @@ def test_bench_runs_both_paths_and_agrees_with_generate(tmp_path):
     main(["bench", "--size", "tiny", "--frames", "4", "--side", "56", "--prompts", "2", "--group", "2",
           "--new-tokens", "4", "--check", "--json", str(out)])
     r = json.loads(out.read_text())
-    assert r["greedy_agreement"] == 1.0
+    assert r["greedy_agreement"] == {"free": 1.0, "forced": 1.0, "plain_forced": 1.0}
     assert r["setting"]["rows"] == 4 and r["setting"]["prompt_tokens"] == 142 + (4 // 2) * (56 // 28) ** 2  # text + video tokens
     for path in ("engine", "plain"):
         assert r[path]["rollout_tokens_per_s"] > 0 and r[path]["update_s"] > 0

@@ -43,7 +43,8 @@ def main(argv=None):
     s.add_argument("--check", action="store_true", help="greedy agreement with generate, first 64 tokens")
     s.add_argument("--json", help="write the results to this file")
     a = p.parse_args(argv)
-    from . import loop
+    if a.cmd in ("init", "run", "status", "train"):
+        from . import loop  # git and the plotting stack: only the loop's commands need them
     if a.cmd == "init":
         guarded(loop.init, a.tag)
     elif a.cmd == "run":

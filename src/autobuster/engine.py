@@ -137,7 +137,8 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
     first = core.lm_head(out.last_hidden_state[:, -1]).float().repeat_interleave(num_samples, 0)
 
     rows, prompt_len = len(first), embeds.shape[1]
-    total = prompt_len + max_new_tokens
+    room = max_new_tokens + 2  # CUDA-graph capture runs the step twice first: room for those writes
+    total = prompt_len + room
     cache = _StaticCache(out.past_key_values, num_samples, total)
     del out
     mask = torch.zeros(rows, 1, 1, total, dtype=torch.bool, device=device)
@@ -146,8 +147,8 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
     ends_t = torch.tensor(ends, dtype=torch.long, device=device)
     banned_t = torch.tensor(banned, dtype=torch.long, device=device)
     track_t = torch.tensor(track_ids or [], dtype=torch.long, device=device)
-    ids = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
-    tracked = torch.zeros(rows, max_new_tokens, len(track_t), device=device)
+    ids = torch.full((rows, room), pad, dtype=torch.long, device=device)
+    tracked = torch.zeros(rows, room, len(track_t), device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     step = torch.zeros(1, dtype=torch.long, device=device)  # index of the token chosen last
 
@@ -176,7 +177,7 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
 
     choose(first)
     run = step_fn
-    if (device.type == "cuda") if cuda_graph is None else cuda_graph:
+    if max_new_tokens > 1 and ((device.type == "cuda") if cuda_graph is None else cuda_graph):
         run = _graphed(step_fn, [ids, tracked, done, step, mask, cache.pos, *cache.keys, *cache.values])
     every = EXIT_CHECK_EVERY if device.type == "cuda" else 1
     for t in range(1, max_new_tokens):

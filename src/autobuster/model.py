@@ -7,9 +7,8 @@ from packaging.version import Version
 from transformers import AutoProcessor, BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
 
 from .errors import UserError
-from .profiles import FRAMES, SAMPLE_FPS
+from .profiles import FRAMES, MIN_PIXELS, SAMPLE_FPS
 from .prompt import messages
-from .video import MIN_PIXELS
 
 MIN_TRANSFORMERS = "5.18"
 

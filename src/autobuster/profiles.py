@@ -11,6 +11,7 @@ from .errors import UserError
 
 FRAMES = 16  # frames per clip
 SAMPLE_FPS = 4.0  # sampling rate: 16 frames cover 4 s
+MIN_PIXELS = 56 * 56  # smallest frame the processors accept
 GENBUSTER_REPO = "l8cv/GenBuster-200K-mini"
 
 

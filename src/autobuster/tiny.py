@@ -13,8 +13,8 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
                           Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from .profiles import MIN_PIXELS
 from .prompt import PROMPT
-from .video import MIN_PIXELS
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",

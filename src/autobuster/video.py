@@ -7,10 +7,9 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from .profiles import FRAMES, SAMPLE_FPS
+from .profiles import FRAMES, MIN_PIXELS, SAMPLE_FPS
 
 FACTOR = 28  # patch 14 x spatial merge 2: frame sides are multiples of this
-MIN_PIXELS = 56 * 56
 
 
 class BadVideo(Exception):
