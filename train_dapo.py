@@ -5,6 +5,7 @@ fixed and lives in prepare.py / evaluate.py / src/autobuster; everything about t
 bottom: constants, rewards, advantages, loss, the loop, the summary.
 
 Run: uv run train_dapo.py   (after `uv run prepare.py`; the loop runs it as `uv run autobuster run "..."`)
+On N GPUs: torchrun --standalone --nproc-per-node N train_dapo.py   (`autobuster run --gpus N` does this)
 """
 import json
 import math
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from autobuster import dataset, engine, evaluation
+from autobuster import dataset, distributed, engine, evaluation
 from autobuster.cli import guarded
 from autobuster.model import encode, load, lora_targets
 from autobuster.profiles import active
@@ -139,6 +140,8 @@ def rollout(model, processor, clips, stats):
 def collate(processor, groups):
     """The prompt batch (one row per group), completions padded to one length, the prompt of each completion,
     advantages and the loss mask."""
+    if not groups:  # a rank whose dynamic sampling found nothing: no rows, but it still joins the all-reduces
+        return {}, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1), torch.zeros(0), torch.zeros(0).long()
     prompts = encode(processor, [g["frames"] for g in groups], SETUP.settings.pixel_cap)
     width = max(g["ids"].shape[1] for g in groups)
     pad = processor.tokenizer.pad_token_id
@@ -155,14 +158,18 @@ def collate(processor, groups):
 
 
 def update(model, opt, processor, groups, stats):
+    """The optimizer steps on one rollout batch. Under torchrun every rank calls it at once with its own groups:
+    token counts and gradients are summed over the ranks, so each step is the one a single process would take
+    on all the ranks' groups together."""
     prompts, ids, mask, adv, prompt_of_row = collate(processor, groups)
-    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    device = trainable[0].device
     prompts = {k: v.to(device) for k, v in prompts.items()}
     ids, mask, adv = ids.to(device), mask.to(device), adv.to(device)
     rows = torch.arange(len(ids))
-    micro_rows = max(1, MICRO_BATCH_TOKENS // (prompts["input_ids"].shape[1] + ids.shape[1]))
+    micro_rows = max(1, MICRO_BATCH_TOKENS // (prompts["input_ids"].shape[1] + ids.shape[1])) if groups else 1
     features = None
-    if not TRAIN_VISION:  # a frozen tower sees each video once per step, whatever the number of passes
+    if not TRAIN_VISION and groups:  # a frozen tower sees each video once per step, whatever the number of passes
         with torch.no_grad():
             features = engine.video_features(model, prompts)
 
@@ -171,22 +178,24 @@ def update(model, opt, processor, groups, stats):
                                      features=features)
 
     old = None
-    if UPDATES_PER_BATCH > 1:  # the policy moves between updates: freeze the sampling policy's log-probs
+    if UPDATES_PER_BATCH > 1 and len(rows):  # the policy moves between updates: freeze the sampler's log-probs
         with torch.no_grad():
             old = torch.cat([logprobs(p) for p in rows.split(micro_rows)])
     losses, clip_low, clip_high, norms = [], 0, 0, []
-    for mini in rows.chunk(UPDATES_PER_BATCH):
-        n_tokens = mask[mini].sum().clamp(min=1)
+    for mini in rows.tensor_split(UPDATES_PER_BATCH):  # as many steps on every rank, even one without rows
+        n_tokens = distributed.all_sum(mask[mini].sum()).clamp(min=1)  # the global DAPO normaliser
         opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for part in mini.split(micro_rows):
+        total = torch.zeros((), device=device)
+        for part in filter(len, mini.split(micro_rows)):  # none on a rank without rows
             logp = logprobs(part)
             ref = logp.detach() if old is None else old[part]
             loss, lo, hi = dapo_loss(logp, ref, adv[part], mask[part], n_tokens)
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
             clip_low, clip_high = clip_low + lo.item(), clip_high + hi.item()
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], GRAD_CLIP)
+        distributed.all_sum_grads(trainable)  # explicit, not DDP: the engine calls the unwrapped model
+        total = distributed.all_sum(total).item()
+        norm = torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
         if not (math.isfinite(total) and torch.isfinite(norm)):
             print(f"FAIL: non-finite loss {total} or grad norm {norm.item()} at step {stats['step']}")
             sys.exit(1)
@@ -202,9 +211,11 @@ def update(model, opt, processor, groups, stats):
 
 def main():
     SETUP.check_device()
+    rank, world = distributed.init()  # (0, 1) unless started by torchrun
     t_start = time.time()
-    torch.manual_seed(SEED)
-    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(SEED + rank)  # every rank samples its own prompts and completions
+    if rank == 0:
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
     model, processor = load(BASE_MODEL, four_bit=FOUR_BIT)
     lora = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
                       target_modules=lora_targets(LORA_MODULES),
@@ -214,10 +225,12 @@ def main():
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    print(f"base {BASE_MODEL}  trainable {sum(p.numel() for p in trainable):,} params  budget {TIME_BUDGET}s")
+    distributed.broadcast(trainable)  # rank 0's LoRA init on every rank
+    print(f"base {BASE_MODEL}  trainable {sum(p.numel() for p in trainable):,} params  budget {TIME_BUDGET}s  "
+          f"ranks {world}")
     opt = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    clips = dataset.TrainClips(SETUP, seed=SEED)
-    log = open(RUN_DIR / "train.jsonl", "a")
+    clips = dataset.TrainClips(SETUP, seed=SEED + rank)
+    log = open(RUN_DIR / "train.jsonl" if rank == 0 else os.devnull, "a")  # rank 0 logs its own rollouts' stats
 
     step, trained, rollouts, stats = 0, 0.0, 0, {"rollout_seconds": 0.0, "rollout_tokens": 0}
     while trained < TIME_BUDGET:
@@ -229,13 +242,13 @@ def main():
         groups = rollout(model, processor, clips, stats)
         model.train()
         loss = clip_low = clip_high = grad_norm = 0.0
-        if groups:
+        if distributed.all_max(len(groups)):  # the update's all-reduces need every rank, with groups or not
             loss, clip_low, clip_high, grad_norm = update(model, opt, processor, groups, stats)
         seen = stats["seen"]
         rollouts += len(seen) * GROUP_SIZE
         flat = lambda key: [x for s in seen for x in s[key]]  # noqa: E731
         rewards, lengths = torch.tensor(flat("rewards")), torch.tensor(flat("lengths")).float()
-        dt = time.time() - t0
+        dt = distributed.all_max(time.time() - t0)  # one clock: every rank stops at the same step
         trained += dt
         rec = dict(step=step, elapsed=round(trained, 2), reward_mean=rewards.mean().item(),
                    reward_std=rewards.std().item(), accuracy=sum(flat("correct")) / len(rewards),
@@ -253,6 +266,11 @@ def main():
               f"loss {loss:+.5f} | gnorm {grad_norm:.3f} | {dt:.2f}s", flush=True)
         step += 1
     clips.close()
+    rollouts = int(distributed.all_sum(rollouts))  # the summary counts every rank's rollouts
+    stats["rollout_tokens"] = int(distributed.all_sum(stats["rollout_tokens"]))
+    distributed.close()
+    if rank:
+        return
 
     model.save_pretrained(RUN_DIR / "adapter")
     model.eval()

@@ -131,3 +131,14 @@ def test_export_round_trip(ws):
     m, _ = evaluation.evaluate_model(model, processor, active(), "val")
     run = next((ws / "runs").glob("0001-*"))
     assert m["f1"] == pytest.approx(json.loads((run / "metrics.json").read_text())["f1"], abs=1e-6)
+
+
+def test_two_processes_under_torchrun(ws):
+    out = cli(ws, "train", "--hours", "0.003", "--gpus", "2").stdout.strip().splitlines()[-1]
+    assert out.startswith("long")
+    run = sorted((ws / "runs").glob("*-long"))[-1]
+    log = (run / "run.log").read_text()
+    assert "ranks 2" in log and [line.strip() for line in log.splitlines()].count("---") == 1  # rank 1 prints nothing
+    steps = int(next(line.split()[1] for line in log.splitlines() if line.startswith("num_steps:")))
+    assert steps > 0 and len((run / "train.jsonl").read_text().splitlines()) == steps  # rank 0 alone logs
+    assert (run / "adapter" / "adapter_config.json").exists() and results(ws).status.tolist()[-1] == "long"

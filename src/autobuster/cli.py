@@ -1,4 +1,4 @@
-"""The `autobuster` command: init, run, status, train, demo, bench."""
+"""The `autobuster` command: init, run, status, train, worktrees, demo, bench."""
 import argparse
 import sys
 
@@ -17,6 +17,9 @@ def guarded(fn, *args, **kwargs):
         sys.exit(130)
 
 
+GPUS = "GPUs to train on, one torchrun process each: a number or `all` (default: $AUTOBUSTER_GPUS, else 1)"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="autobuster", description="autoresearch for AI-generated video detection")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -25,10 +28,16 @@ def main(argv=None):
     s = sub.add_parser("run", help="commit train_dapo.py, train, score, keep or discard")
     s.add_argument("description")
     s.add_argument("--budget", type=int, help="training seconds (default: the profile's fixed budget)")
+    s.add_argument("--gpus", help=GPUS)
     s = sub.add_parser("status", help="best run, keep rate, recent runs, plateau; writes progress.png")
     s.add_argument("--json", action="store_true", help="machine-readable, for the agent")
+    s.add_argument("--all", action="store_true", help="every worktree's loop in one table and progress-all.png")
     s = sub.add_parser("train", help="a long run of the current train_dapo.py, recorded with status long")
     s.add_argument("--hours", type=float, required=True)
+    s.add_argument("--gpus", help=GPUS)
+    s = sub.add_parser("worktrees", help="one git worktree and loop per GPU, for one agent each")
+    s.add_argument("tag")
+    s.add_argument("--gpus", required=True, help="GPU numbers, e.g. 0,1,2,3")
     sub.add_parser("demo", help="the whole pipeline on the tiny profile, offline, on CPU, in a scratch folder")
     s = sub.add_parser("bench", help="engine vs plain Hugging Face speed and memory at a real size, random weights")
     s.add_argument("--size", default="7b", help="7b, 3b or tiny")
@@ -48,11 +57,13 @@ def main(argv=None):
     if a.cmd == "init":
         guarded(loop.init, a.tag)
     elif a.cmd == "run":
-        guarded(loop.run, a.description, a.budget)
+        guarded(loop.run, a.description, a.budget, gpus=a.gpus)
     elif a.cmd == "status":
-        guarded(loop.status, a.json)
+        guarded(loop.status, a.json, a.all)
     elif a.cmd == "train":
-        guarded(loop.run, f"long run, {a.hours:g} h", int(a.hours * 3600), True)
+        guarded(loop.run, f"long run, {a.hours:g} h", int(a.hours * 3600), True, a.gpus)
+    elif a.cmd == "worktrees":
+        guarded(loop.worktrees, a.tag, a.gpus)
     elif a.cmd == "bench":
         from .bench import bench
         guarded(bench, a.size, a.frames, a.side, a.prompts, a.group, a.new_tokens, a.four_bit, not a.no_plain,

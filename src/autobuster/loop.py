@@ -37,6 +37,14 @@ class Workspace:
         self.runs = self.root / "runs"
         self.state_file = self.root / ".autobuster" / "state.json"
         self.lock = self.root / ".autobuster" / "lock.json"
+        self.pin = self.root / ".autobuster" / "cuda_visible_devices"  # written by `autobuster worktrees`
+
+    def env(self, **extra) -> dict:
+        """The environment of training and scoring: this worktree's GPU when `autobuster worktrees` pinned one."""
+        env = {**os.environ, **extra}
+        if self.pin.exists():
+            env["CUDA_VISIBLE_DEVICES"] = self.pin.read_text().strip()
+        return env
 
     # ------------------------------------------------------------ state
 
@@ -67,6 +75,12 @@ class Workspace:
         finally:
             os.close(fd)
 
+    def loops(self) -> list["Workspace"]:
+        """Every worktree of this repository that holds a loop (`autobuster init` or `worktrees` ran there)."""
+        paths = [line.split(" ", 1)[1] for line in self.repo.git.worktree("list", "--porcelain").splitlines()
+                 if line.startswith("worktree ")]
+        return [w for w in (Workspace(p) for p in paths if Path(p).is_dir()) if w.state_file.exists()]
+
     def best_kept(self) -> dict | None:
         runs = [json.loads(f.read_text()) for f in sorted(self.runs.glob("*/run.json"))]
         kept = [r for r in runs if r["status"] == "keep"]
@@ -78,13 +92,19 @@ class Workspace:
         return kept[-1]["commit_full"] if kept else self.state()["base_commit"]
 
 
-def init(tag: str, ws: Workspace | None = None) -> None:
-    ws = ws or Workspace()
+def _check_new(ws: Workspace, tag: str) -> str:
+    """The branch of a new loop `tag`, which must not exist yet, from a committed train_dapo.py."""
     branch = f"autobuster/{tag}"
     if branch in [h.name for h in ws.repo.heads]:
         raise UserError(f"branch {branch} exists already: pick another tag")
     if ws.repo.is_dirty(path=TRAIN_FILE):
-        raise UserError(f"{TRAIN_FILE} has uncommitted changes: commit or stash them before init")
+        raise UserError(f"{TRAIN_FILE} has uncommitted changes: commit or stash them before starting a loop")
+    return branch
+
+
+def init(tag: str, ws: Workspace | None = None) -> None:
+    ws = ws or Workspace()
+    branch = _check_new(ws, tag)
     setup = active()
     val = json.loads(setup.eval_set("val").read_text())
     ws.repo.create_head(branch).checkout()
@@ -97,6 +117,28 @@ def init(tag: str, ws: Workspace | None = None) -> None:
         ws.results.write_text(HEADER)
     print(f"on branch {branch}; val set {val['fingerprint']} ({len(val['ids'])} clips, profile {setup.profile}); "
           f"next: uv run autobuster run \"baseline\"")
+
+
+def worktrees(tag: str, gpus: str, ws: Workspace | None = None) -> list[Path]:
+    """One agent per GPU: for each GPU i a git worktree ../<repo>-<tag>-gpu<i> with its own loop (branch
+    autobuster/<tag>-gpu<i>, results.tsv, runs/), whose runs see GPU i alone."""
+    ws = ws or Workspace()
+    ids = [g.strip() for g in gpus.split(",")]
+    if not all(g.isdigit() for g in ids) or len(set(ids)) < len(ids):
+        raise UserError(f"--gpus {gpus!r}: give distinct GPU numbers separated by commas, e.g. --gpus 0,1,2,3")
+    plan = [(g, f"{tag}-gpu{g}", ws.root.parent / f"{ws.root.name}-{tag}-gpu{g}") for g in ids]
+    for _, name, path in plan:  # every check before the first worktree is made
+        _check_new(ws, name)
+        if path.exists():
+            raise UserError(f"{path} exists already: pick another tag or remove it")
+    for gpu, name, path in plan:
+        ws.repo.git.worktree("add", "--detach", str(path))
+        w = Workspace(path)
+        init(name, w)
+        w.pin.write_text(gpu + "\n")
+        print(f"  {path}: GPU {gpu}")
+    print("start one agent in each worktree; follow them all with `uv run autobuster status --all`")
+    return [path for *_, path in plan]
 
 
 def check_fixed(ws: Workspace, state: dict) -> None:
@@ -159,15 +201,38 @@ def _commit(ws: Workspace, description: str, first: bool) -> str:
     return ws.repo.index.commit(description).hexsha
 
 
-def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None) -> tuple[str | None, float]:
-    """Run train_dapo.py in its own process group with a hard timeout; (crash reason or None, peak memory)."""
+def processes(gpus: str | None, ws: Workspace) -> int:
+    """How many GPUs (training processes) a run uses: --gpus, else $AUTOBUSTER_GPUS, else 1; `all` = every visible
+    GPU. More than 1 without a GPU runs that many CPU processes (gloo), as the tests do."""
+    value = str(gpus or os.environ.get("AUTOBUSTER_GPUS") or 1).strip()
+    if value != "all" and not (value.isdigit() and int(value) > 0):
+        raise UserError(f"--gpus / AUTOBUSTER_GPUS is {value!r}: give a number of GPUs (1, 2, ...) or `all`")
+    if value == "1":
+        return 1
+    import torch
+    pinned = ws.env().get("CUDA_VISIBLE_DEVICES")
+    visible = len(pinned.split(",")) if ws.pin.exists() else torch.cuda.device_count()
+    if value == "all":
+        return max(visible, 1)
+    if visible and int(value) > visible:
+        raise UserError(f"--gpus {value}: only {visible} GPU(s) visible here" + (
+            f" (this worktree is pinned to GPU {pinned} by `autobuster worktrees`)" if ws.pin.exists() else "")
+            + f"; use --gpus {visible} or fewer")
+    return int(value)
+
+
+def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None, gpus: int) -> tuple[str | None, float]:
+    """Run train_dapo.py (under torchrun for several GPUs) in its own process group with a hard timeout;
+    (crash reason or None, peak memory)."""
     setup = active()
-    env = {**os.environ, "AUTOBUSTER_RUN_DIR": str(run_dir), "PYTHONUNBUFFERED": "1"}
+    env = ws.env(AUTOBUSTER_RUN_DIR=str(run_dir), PYTHONUNBUFFERED="1")
     if budget is not None:
         env["AUTOBUSTER_TIME_BUDGET"] = str(budget)
     limit = (setup.time_budget if budget is None else budget) + ALLOWANCE.get(setup.profile, 3600)
     with open(run_dir / "run.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, TRAIN_FILE], cwd=ws.root, stdout=log, stderr=subprocess.STDOUT,
+        launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+                                     if gpus > 1 else [])
+        proc = subprocess.Popen(launch + [TRAIN_FILE], cwd=ws.root, stdout=log, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
         lock["child"] = proc.pid
         ws.lock.write_text(json.dumps(lock))
@@ -180,6 +245,9 @@ def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None) -> tupl
     text = (run_dir / "run.log").read_text(errors="replace")
     memory = next((float(line.split()[1]) for line in text.splitlines() if line.startswith("peak_memory_gb:")), 0.0)
     lines = [line for line in text.splitlines() if line.strip()]
+    if "ChildFailedError" in text:  # torchrun's traceback and report end the log; the reason is the failed rank's
+        torchrun = max(i for i, line in enumerate(lines) if line.startswith("Traceback"))
+        lines = [line for line in lines[:torchrun] if "torch/distributed/elastic/" not in line]
     fail = next((line for line in lines if line.startswith("FAIL:")), None)
     if fail or rc != 0:
         oom = next((line for line in lines if "out of memory" in line.lower() or "OutOfMemoryError" in line), None)
@@ -192,7 +260,7 @@ def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None) -> tupl
 def _score(ws: Workspace, run_dir: Path) -> dict:
     """The fixed evaluation, in its own process, from the saved adapter alone."""
     r = subprocess.run([sys.executable, "evaluate.py", "--adapter", str(run_dir / "adapter"), "--split", "val",
-                        "--out", str(run_dir)], cwd=ws.root, capture_output=True, text=True)
+                        "--out", str(run_dir)], cwd=ws.root, capture_output=True, text=True, env=ws.env())
     (run_dir / "eval.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
         raise RuntimeError((r.stderr.strip().splitlines() or ["evaluation failed"])[-1])
@@ -203,13 +271,15 @@ def _predictions(run_dir: Path) -> pd.DataFrame:
     return pd.read_json(run_dir / "predictions.jsonl", lines=True).set_index("id")
 
 
-def run(description: str, budget: int | None = None, long: bool = False, ws: Workspace | None = None) -> dict:
+def run(description: str, budget: int | None = None, long: bool = False, gpus: str | None = None,
+        ws: Workspace | None = None) -> dict:
     ws = ws or Workspace()
     recover(ws)
     state = ws.state()
     if ws.repo.active_branch.name != state["branch"]:
         raise UserError(f"on branch {ws.repo.active_branch.name}, not {state['branch']}: git checkout {state['branch']}")
     check_fixed(ws, state)
+    n_gpus = processes(gpus, ws)
     best = ws.best_kept()
     kept = ws.last_kept_commit()
     commit = _commit(ws, description, first=best is None or long)
@@ -220,7 +290,7 @@ def run(description: str, budget: int | None = None, long: bool = False, ws: Wor
     lock = dict(run_id=run_id, commit=commit, kept=kept if not long else commit, description=description,
                 pid=os.getpid(), started=time.time())
     ws.lock.write_text(json.dumps(lock))
-    crash, memory = _train(ws, run_dir, lock, budget)
+    crash, memory = _train(ws, run_dir, lock, budget, n_gpus)
     m, p_better = {}, 0.0
     if crash is None:
         try:
@@ -249,11 +319,30 @@ def run(description: str, budget: int | None = None, long: bool = False, ws: Wor
     return record
 
 
-def status(as_json: bool = False, ws: Workspace | None = None) -> dict:
+def merged(loops: list[Workspace]) -> tuple[pd.DataFrame, dict | None]:
+    """All the loops' rows in one table with a `loop` column, and the best kept run of all. The rows go round
+    robin (every loop's first run, then every second, ...): every run has the same budget, so that is about
+    the order in which they finished."""
+    tables = []
+    for w in loops:
+        rows = w.rows()
+        tables.append(rows.assign(n=range(len(rows))).assign(loop=w.state()["tag"]))
+    rows = pd.concat(tables).sort_values("n", kind="stable").drop(columns="n").reset_index(drop=True)
+    kept = [dict(best, loop=w.state()["tag"]) for w in loops if (best := w.best_kept())]
+    return rows[["loop"] + HEADER.split()], max(kept, key=lambda r: r["f1"], default=None)
+
+
+def status(as_json: bool = False, all_loops: bool = False, ws: Workspace | None = None) -> dict:
     ws = ws or Workspace()
-    recover(ws)
-    rows = ws.rows()
-    best = ws.best_kept()
+    if all_loops:  # read only: the other agents' runs may be in progress, and each repairs its own worktree
+        loops = ws.loops()
+        if not loops:
+            raise UserError("no worktree of this repository has a loop: run `uv run autobuster worktrees <tag> "
+                            "--gpus 0,1,...` or `uv run autobuster init <tag>` first")
+        (rows, best), plot, recent = merged(loops), ws.root / "progress-all.png", 10 * len(loops)
+    else:
+        recover(ws)
+        rows, best, plot, recent = ws.rows(), ws.best_kept(), ws.root / "progress.png", 10
     decided = rows[rows.status.isin(["keep", "discard", "crash"])]
     last_keep = max((i for i, s in enumerate(decided.status) if s == "keep"), default=-1)
     since = len(decided) - 1 - last_keep
@@ -261,17 +350,18 @@ def status(as_json: bool = False, ws: Workspace | None = None) -> dict:
                 discards=int((rows.status == "discard").sum()), crashes=int((rows.status == "crash").sum()),
                 keep_rate=float((decided.status == "keep").mean()) if len(decided) else 0.0,
                 best=best, runs_since_keep=since, plateau=since >= PLATEAU,
-                recent=rows.tail(10).to_dict("records"), progress=str(ws.root / "progress.png"))
+                recent=rows.tail(recent).to_dict("records"), progress=str(plot))
     if len(rows):
-        plot_progress(rows, ws.root / "progress.png")
+        plot_progress(rows, plot)
     if as_json:
         print(json.dumps(info, indent=1, default=str))
         return info
-    print(rows.tail(10).to_string(index=False) if len(rows) else "no runs yet")
+    print(rows.tail(recent).to_string(index=False) if len(rows) else "no runs yet")
     print(f"runs {info['runs']}  keep {info['keeps']}  discard {info['discards']}  crash {info['crashes']}  "
           f"keep rate {info['keep_rate']:.2f}" + ("  PLATEAU" if info["plateau"] else ""))
     if best:
-        print(f"best: f1={best['f1']:.4f}  run={best['run_id']}  {best['description']}")
+        print(f"best: f1={best['f1']:.4f}  run={best['run_id']}" + (f" in {best['loop']}" if all_loops else "")
+              + f"  {best['description']}")
     return info
 
 

@@ -20,7 +20,8 @@ def check_transformers() -> None:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The current GPU (under torchrun, the one of this rank's LOCAL_RANK), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def nf4(dtype: torch.dtype) -> BitsAndBytesConfig:
