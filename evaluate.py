@@ -1,6 +1,7 @@
 """The fixed evaluation.
 
   uv run evaluate.py [--model DIR|HUB_ID] [--adapter DIR] [--split val|holdout|test|benchmark] [--limit N]
+                     [--mode think|no_think]
   uv run evaluate.py PATH        (a video file or a folder of videos: reasoning, verdict and P(fake) each)
 
 Writes metrics.json, predictions.jsonl and confusion.png to --out; the headline line starts with `f1:`."""
@@ -24,11 +25,11 @@ def main(a):
         if not p.exists():
             raise UserError(f"{p} does not exist: give a video file or a folder of videos")
         paths = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
-        return evaluation.evaluate_videos(model, processor, setup, paths)
+        return evaluation.evaluate_videos(model, processor, setup, paths, a.mode)
     t0 = time.time()
-    m, preds = evaluation.evaluate_model(model, processor, setup, a.split, a.limit)
+    m, preds = evaluation.evaluate_model(model, processor, setup, a.split, a.limit, a.mode)
     m.update(model=a.model or setup.model, adapter=a.adapter, seconds=round(time.time() - t0, 1))
-    out = Path(a.out or f"runs/eval-{a.split}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(a.out or f"runs/eval-{a.split}{'-' + a.mode if a.mode else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
     evaluation.write(out, m, preds)
     print(evaluation.report(m))
     print(f"written to {out}")
@@ -42,5 +43,8 @@ if __name__ == "__main__":
     p.add_argument("--split", default="val", help="val (default), holdout, test or benchmark")
     p.add_argument("--limit", type=int, help="score only the first N clips")
     p.add_argument("--out", help="output folder (default runs/eval-<split>-<time>)")
+    p.add_argument("--mode", choices=("think", "no_think"),
+                   help="BusterX++'s switch on the prompt: /think, or /no_think for the answer alone (short decoding, "
+                        "much faster); default: the fixed prompt, which asks for reasoning")
     p.add_argument("--four-bit", action="store_true", help="load the base weights in 4-bit NF4")
     guarded(main, p.parse_args())

@@ -10,6 +10,7 @@ On N GPUs: torchrun --standalone --nproc-per-node N train_dapo.py   (`autobuster
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -20,9 +21,9 @@ from peft import LoraConfig, get_peft_model
 
 from autobuster import dataset, distributed, engine, evaluation
 from autobuster.cli import guarded
-from autobuster.model import encode, load, lora_targets
+from autobuster.model import chat_text, encode, load, lora_targets
 from autobuster.profiles import active
-from autobuster.prompt import is_well_formed, parse_answer
+from autobuster.prompt import MODES, PROMPT, is_well_formed, parse_answer, thinks
 
 SETUP = guarded(active)  # the profile prepare.py recorded: data, base model, time budget
 TINY = SETUP.profile == "tiny"  # the tiny CPU model needs far larger steps than LoRA on a 7B model
@@ -58,13 +59,24 @@ TIME_BUDGET = SETUP.time_budget  # seconds of rollouts + updates; fixed per prof
 SEED = 0
 RUN_DIR = Path(os.environ.get("AUTOBUSTER_RUN_DIR") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
+# BusterX++ stages 2 and 3 (both off: stage 1 alone, as above). Their time counts in TIME_BUDGET.
+STAGE2 = False  # thinking-mode fusion: SFT on correct replies, /think -> the full reply, /no_think -> its answer
+STAGE3 = False  # DAPO again, each prompt in a random mode, plus the hybrid and thinking rewards
+STAGE1_SHARE = 0.5  # share of the budget for stage 1 when stage 2 or 3 is on; stage 3 runs to the end
+FUSION_CLIPS = 64 if TINY else 300  # train clips sampled (G replies each) for stage 2's correct replies
+FUSION_BATCH = 4  # pairs per stage-2 optimizer step (one epoch over all pairs)
+FUSION_LR = LEARNING_RATE  # stage 2's learning rate
+# The thinking reward's reward model: a Qwen2.5-VL directory (the paper: SophiaVL-R1-Thinking-Reward-Model-3B);
+# "" turns the thinking reward off.
+THINKING_SCORER = ""
+
 
 # ---------------------------------------------------------------- rewards
 
 
-def format_reward(reply: str) -> float:
-    """0 for exactly <think>...</think><answer>A|B</answer>, -1 otherwise."""
-    return 0.0 if is_well_formed(reply) else -1.0
+def format_reward(reply: str, mode: str | None = None) -> float:
+    """0 for exactly <think>...</think><answer>A|B</answer> (<answer>A|B</answer> in no_think mode), -1 otherwise."""
+    return 0.0 if is_well_formed(reply, mode) else -1.0
 
 
 def accuracy_reward(reply: str, label: str) -> float:
@@ -76,6 +88,36 @@ def overlong_reward(length: int, max_len: int = MAX_NEW_TOKENS, window: int = OV
     if length <= max_len - window:
         return 0.0
     return max(-1.0, (max_len - window - length) / window)
+
+
+def hybrid_reward(reply: str, mode: str) -> float:
+    """Stage 3: 0 when the reply obeys its mode (a think block under /think, none under /no_think), -1 otherwise."""
+    return 0.0 if thinks(reply) == (mode == "think") else -1.0
+
+
+def thinking_reward(reply: str, frames, accuracy: float, mode: str, scorer) -> float:
+    """Stage 3: min(accuracy, M(reply)) under /think, so reasoning earns nothing without the right answer; 0 under
+    /no_think or without a scorer. `scorer(reply, frames)` is M, a reasoning-quality score in [0, 1]."""
+    if mode != "think" or scorer is None or not accuracy:
+        return 0.0
+    return min(accuracy, max(0.0, min(1.0, scorer(reply, frames))))
+
+
+class RewardModelScorer:
+    """M for the thinking reward: a Qwen2.5-VL reward model, loaded like the policy, rates the reply's reasoning
+    about the video; the first number it writes, clamped to [0, 1], is the score (no number: 0)."""
+    ASK = ("Question about the video:\n{question}\n\nA model's reasoning and answer:\n{reply}\n\n"
+           "Rate the quality of the reasoning with one number between 0 and 1.")
+
+    def __init__(self, path: str):
+        self.model, self.processor = load(path)
+
+    def __call__(self, reply: str, frames) -> float:
+        text = chat_text(self.processor, prompt=self.ASK.format(question=PROMPT, reply=reply))
+        done = engine.generate(self.model, self.processor, encode(self.processor, [frames], SETUP.settings.pixel_cap,
+                                                                  text), greedy=True, max_new_tokens=8)
+        number = re.search(r"\d+(?:\.\d+)?", done.texts[0])
+        return min(1.0, float(number.group())) if number else 0.0
 
 
 # ---------------------------------------------------------------- DAPO pieces
@@ -108,28 +150,36 @@ def dapo_loss(logp, old_logp, adv, mask, n_tokens):
 # ---------------------------------------------------------------- rollouts
 
 
-def rollout(model, processor, clips, stats):
-    """Groups for one step: sample G replies per clip, score them, keep groups with mixed correctness."""
+def rollout(model, processor, clips, stats, mixed=False, scorer=None):
+    """Groups for one step: sample G replies per clip, score them, keep groups with mixed correctness. `mixed`
+    (stage 3): each clip's prompt in a random mode, with the hybrid and thinking rewards."""
     groups, draws = [], 0
     while len(groups) < PROMPTS_PER_STEP and draws < MAX_DRAWS:
         need = PROMPTS_PER_STEP - len(groups)
         drawn = clips.batch(need + need % 2)  # balanced: half real, half fake
         draws += 1
+        modes = [MODES[torch.randint(len(MODES), ()).item()] if mixed else None for _ in drawn]
         t0 = time.time()
-        done = engine.generate(model, processor, encode(processor, [f for _, f in drawn], SETUP.settings.pixel_cap),
-                               num_samples=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE)
+        prompts = encode(processor, [f for _, f in drawn], SETUP.settings.pixel_cap,
+                         [chat_text(processor, m) for m in modes])
+        done = engine.generate(model, processor, prompts, num_samples=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS,
+                               temperature=TEMPERATURE)
         stats["rollout_seconds"] += time.time() - t0
         stats["rollout_tokens"] += int(done.lengths.sum())
-        for i, (row, frames) in enumerate(drawn):
+        for i, ((row, frames), mode) in enumerate(zip(drawn, modes)):
             rows = slice(i * GROUP_SIZE, (i + 1) * GROUP_SIZE)
             texts, lengths = done.texts[rows], done.lengths[rows].tolist()
             correct = [accuracy_reward(t, row["label"]) for t in texts]
-            well_formed = [format_reward(t) == 0 and not tr for t, tr in zip(texts, done.truncated[rows].tolist())]
-            rewards = [c + format_reward(t) + overlong_reward(n) for c, t, n in zip(correct, texts, lengths)]
+            well_formed = [format_reward(t, mode) == 0 and not tr
+                           for t, tr in zip(texts, done.truncated[rows].tolist())]
+            rewards = [c + format_reward(t, mode) + overlong_reward(n) for c, t, n in zip(correct, texts, lengths)]
+            if mode:
+                rewards = [r + hybrid_reward(t, mode) + thinking_reward(t, frames, c, mode, scorer)
+                           for r, t, c in zip(rewards, texts, correct)]
             stats["seen"].append(dict(correct=correct, well_formed=well_formed, rewards=rewards, lengths=lengths,
                                       truncated=done.truncated[rows].tolist()))
             if (keep_group(correct) or not DYNAMIC_SAMPLING) and len(groups) < PROMPTS_PER_STEP:
-                groups.append(dict(frames=frames, ids=done.ids[rows], mask=done.mask[rows],
+                groups.append(dict(frames=frames, mode=mode, ids=done.ids[rows], mask=done.mask[rows],
                                    rewards=rewards, well_formed=well_formed))
     stats["draws"] = draws
     if len(groups) < PROMPTS_PER_STEP:
@@ -142,7 +192,8 @@ def collate(processor, groups):
     advantages and the loss mask."""
     if not groups:  # a rank whose dynamic sampling found nothing: no rows, but it still joins the all-reduces
         return {}, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1), torch.zeros(0), torch.zeros(0).long()
-    prompts = encode(processor, [g["frames"] for g in groups], SETUP.settings.pixel_cap)
+    prompts = encode(processor, [g["frames"] for g in groups], SETUP.settings.pixel_cap,
+                     [chat_text(processor, g["mode"]) for g in groups])
     width = max(g["ids"].shape[1] for g in groups)
     pad = processor.tokenizer.pad_token_id
     ids = torch.cat([torch.nn.functional.pad(g["ids"], (0, width - g["ids"].shape[1]), value=pad) for g in groups])
@@ -206,6 +257,51 @@ def update(model, opt, processor, groups, stats):
     return sum(losses) / len(losses), clip_low / valid, clip_high / valid, max(norms)
 
 
+# ---------------------------------------------------------------- stage 2: thinking-mode fusion
+
+
+def fusion_pairs(replies: list[str], label: str) -> list[tuple[str, str]]:
+    """(mode, target) pairs from one clip's replies: the first right, well-formed reply in full under /think and its
+    answer block alone under /no_think; none when no reply is right."""
+    for reply in replies:
+        if accuracy_reward(reply, label) and format_reward(reply) == 0:
+            reply = reply.strip()
+            return [("think", reply), ("no_think", reply[reply.rindex("<answer>"):])]
+    return []
+
+
+def fuse(model, processor, clips) -> dict:
+    """Stage 2: collect right replies of the current policy on FUSION_CLIPS clips, then one epoch of plain
+    cross-entropy on their /think and /no_think pairs (its own optimizer: the DAPO one keeps its state)."""
+    cap, tok = SETUP.settings.pixel_cap, processor.tokenizer
+    model.eval()
+    pairs = []
+    for _ in range(math.ceil(FUSION_CLIPS / PROMPTS_PER_STEP)):
+        drawn = clips.batch(PROMPTS_PER_STEP)
+        done = engine.generate(model, processor, encode(processor, [f for _, f in drawn], cap),
+                               num_samples=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE)
+        for i, (row, frames) in enumerate(drawn):
+            replies = done.texts[i * GROUP_SIZE:(i + 1) * GROUP_SIZE]
+            pairs += [(frames, mode, target) for mode, target in fusion_pairs(replies, row["label"])]
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=FUSION_LR, weight_decay=0.0)
+    device, losses = next(model.parameters()).device, []
+    for batch in torch.randperm(len(pairs)).split(FUSION_BATCH):
+        frames, modes, targets = zip(*[pairs[j] for j in batch.tolist()])
+        prompts = encode(processor, list(frames), cap, [chat_text(processor, m) for m in modes])
+        ids, mask = (x.to(device) for x in engine.reply_ids(tok, list(targets)))
+        # mean per reply: the short /no_think targets weigh as much as the long /think ones
+        loss = -((engine.token_logprobs(model, prompts, ids) * mask).sum(1) / mask.sum(1)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        opt.step()
+        losses.append(loss.item())
+    losses = losses or [0.0]  # no right reply at all: nothing to fine-tune on
+    return dict(stage=2, pairs=len(pairs), loss_first=losses[0], loss_last=losses[-1])
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -233,13 +329,27 @@ def main():
     log = open(RUN_DIR / "train.jsonl" if rank == 0 else os.devnull, "a")  # rank 0 logs its own rollouts' stats
 
     step, trained, rollouts, stats = 0, 0.0, 0, {"rollout_seconds": 0.0, "rollout_tokens": 0}
+    # BusterX++ stages 2 and 3 begin when stage 1 has had its share of the budget
+    stage1_end, fused = (STAGE1_SHARE * TIME_BUDGET if STAGE2 or STAGE3 else TIME_BUDGET), not STAGE2
+    scorer = RewardModelScorer(THINKING_SCORER) if STAGE3 and THINKING_SCORER else None
+    if STAGE3 and scorer is None:
+        print("thinking reward off: THINKING_SCORER names no reward model")
     while trained < TIME_BUDGET:
         t0 = time.time()
+        if not fused and trained >= stage1_end:
+            rec = fuse(model, processor, clips)
+            fused, dt = True, time.time() - t0
+            trained += dt
+            log.write(json.dumps(rec | dict(elapsed=round(trained, 2), step_seconds=dt)) + "\n")
+            print(f"stage 2 | {trained:6.1f}s | {rec['pairs']} pairs | loss {rec['loss_first']:.4f} -> "
+                  f"{rec['loss_last']:.4f} | {dt:.2f}s", flush=True)
+            continue
+        stage = 3 if STAGE3 and trained >= stage1_end else 1
         for group in opt.param_groups:
             group["lr"] = LEARNING_RATE * min(1.0, trained / (WARMUP * TIME_BUDGET + 1e-9))
         stats.update(step=step, seen=[])
         model.eval()
-        groups = rollout(model, processor, clips, stats)
+        groups = rollout(model, processor, clips, stats, mixed=stage == 3, scorer=scorer)
         model.train()
         loss = clip_low = clip_high = grad_norm = 0.0
         if distributed.all_max(len(groups)):  # the update's all-reduces need every rank, with groups or not
@@ -259,6 +369,7 @@ def main():
                    clip_high=clip_high, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"],
                    rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9),
                    step_seconds=dt, skipped_clips=clips.skipped)
+        rec["stage"] = stage
         log.write(json.dumps(rec) + "\n")
         log.flush()
         print(f"step {step:4d} | {trained:6.1f}s | reward {rec['reward_mean']:+.3f} | acc {rec['accuracy']:.3f} | "
@@ -275,6 +386,7 @@ def main():
     model.save_pretrained(RUN_DIR / "adapter")
     model.eval()
     m, _ = evaluation.evaluate_model(model, processor, SETUP, "val")
+    both = evaluation.evaluate_model(model, processor, SETUP, "val", mode="no_think")[0] if STAGE2 or STAGE3 else {}
     peak = (torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
     summary = dict(f1=m["f1"], accuracy=m["accuracy"], precision=m["precision"], recall=m["recall"], mcc=m["mcc"],
@@ -282,6 +394,8 @@ def main():
                    peak_memory_gb=peak, training_seconds=trained, total_seconds=time.time() - t_start,
                    num_steps=step, num_rollouts=rollouts,
                    rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9))
+    if both:  # the model was taught both modes: report the /no_think one too
+        summary.update(f1_no_think=both["f1"], no_think_think_rate=both["think_rate"])
     print("---")
     for k, v in summary.items():
         print(f"{k + ':':<22}{v:.6f}" if isinstance(v, float) else f"{k + ':':<22}{v}")

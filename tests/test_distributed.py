@@ -28,7 +28,7 @@ def completions():
         lengths = torch.randint(lo, hi + 1, (G,), generator=gen)
         mask = (torch.arange(hi) < lengths[:, None]).long()
         ids = torch.randint(0, 90, (G, hi), generator=gen).masked_fill(mask == 0, 0)  # ordinary characters
-        out.append(dict(ids=ids, mask=mask, rewards=torch.randn(G, generator=gen).tolist(),
+        out.append(dict(ids=ids, mask=mask, mode=None, rewards=torch.randn(G, generator=gen).tolist(),
                         well_formed=[True] * (G - 1) + [False]))
     return out
 

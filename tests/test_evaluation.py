@@ -30,6 +30,25 @@ def test_evaluate_py_on_val(tiny_home, tmp_path):
             assert (p["p_fake"] > 0.5) == (p["prediction"] == "fake")
 
 
+def test_evaluate_py_no_think_mode(tiny_home, tmp_path):
+    """--mode no_think: the /no_think prompt, a few decoded tokens, and the share of replies that still think."""
+    r = subprocess.run([sys.executable, "evaluate.py", "--limit", "16", "--mode", "no_think", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    preds = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
+    assert m["mode"] == "no_think" and len(preds) == 16
+    assert m["think_rate"] == pytest.approx(sum("<think>" in p["response"] for p in preds) / 16)
+    assert f"think_rate    {m['think_rate']:.6f}" in r.stdout
+    # the warm start never saw the switch and thinks: cut at NO_THINK_MAX_NEW_TOKENS, its answers are unclear
+    assert all(p["truncated"] == ("<think>" in p["response"]) for p in preds)
+
+
+def test_evaluate_py_rejects_an_unknown_mode(tiny_home):
+    r = subprocess.run([sys.executable, "evaluate.py", "--mode", "fast"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'fast'" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_evaluate_py_on_one_video_and_a_folder(tiny_home, tmp_path):
     video = next(Path(tiny_home, "tiny", "videos", "test", "real").glob("*.mp4"))
     (tmp_path / "bad.mp4").write_bytes(b"nope")

@@ -1,7 +1,7 @@
 """Answer parsing and the format check on well-formed, malformed and adversarial replies."""
 import pytest
 
-from autobuster.prompt import PROMPT, is_well_formed, parse_answer
+from autobuster.prompt import PROMPT, is_well_formed, parse_answer, prompt_for
 
 
 @pytest.mark.parametrize("reply,answer", [
@@ -34,3 +34,24 @@ def test_well_formed():
 
 def test_prompt_is_the_busterx_mcq():
     assert PROMPT.endswith("A) real\nB) fake") and "Is this video real or fake?" in PROMPT
+
+
+def test_modes_append_the_busterx_switch_to_the_one_prompt():
+    assert prompt_for() == PROMPT  # the fixed evaluation's prompt is unchanged
+    assert prompt_for("think") == PROMPT + "\n/think"
+    assert prompt_for("no_think") == PROMPT + "\n/no_think"
+    with pytest.raises(ValueError):
+        prompt_for("maybe")
+
+
+@pytest.mark.parametrize("reply,think,no_think", [
+    ("<think>a</think><answer>A</answer>", True, False),
+    ("<answer>B</answer>", False, True),
+    (" <answer>A</answer>\n", False, True),
+    ("<answer>b</answer>", False, False),
+    ("<answer>A</answer><answer>B</answer>", False, False),
+    ("<answer>A</answer> because", False, False),
+])
+def test_well_formed_per_mode(reply, think, no_think):
+    assert is_well_formed(reply, "think") == is_well_formed(reply) == think
+    assert is_well_formed(reply, "no_think") == no_think

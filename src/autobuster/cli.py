@@ -52,7 +52,7 @@ def main(argv=None):
     s.add_argument("--check", action="store_true", help="greedy agreement with generate, first 64 tokens")
     s.add_argument("--json", help="write the results to this file")
     a = p.parse_args(argv)
-    if a.cmd in ("init", "run", "status", "train"):
+    if a.cmd in ("init", "run", "status", "train", "worktrees"):
         from . import loop  # git and the plotting stack: only the loop's commands need them
     if a.cmd == "init":
         guarded(loop.init, a.tag)

@@ -223,6 +223,13 @@ def generate(model, processor, batch, num_samples: int = 1, max_new_tokens: int 
     return Completions(ids, mask, mask.sum(1), truncated, texts, tracked)
 
 
+def reply_ids(tokenizer, replies: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target replies as completion ids for token_logprobs: each with the end token, right-padded, and its mask."""
+    t = tokenizer([r + tokenizer.eos_token for r in replies], add_special_tokens=False, padding=True,
+                  padding_side="right", return_tensors="pt")
+    return t.input_ids, t.attention_mask.float()
+
+
 # ---------------------------------------------------------------- log-probs
 
 

@@ -7,10 +7,11 @@ import numpy as np
 from tqdm import tqdm
 
 from . import engine, metrics
-from .model import encode
-from .prompt import parse_answer
+from .model import chat_text, encode
+from .prompt import parse_answer, thinks
 
 ANSWER_TAG = "<answer>"
+NO_THINK_MAX_NEW_TOKENS = 16  # room for <answer>X</answer> and the end token; a reply that thinks is cut short
 
 
 def letter_pairs(tokenizer) -> dict[int, tuple[int, int]]:
@@ -48,16 +49,18 @@ def answer_p_fake(tokenizer, ids: list[int], tracked: np.ndarray, pairs: dict, c
 
 
 def predict(model, processor, rows, frames_of, pixel_cap: int, batch: int, max_new_tokens: int,
-            desc: str = "evaluating") -> list[dict]:
-    """Greedy replies for `rows` (dicts with id, label, generator); `frames_of(row)` gives the frames."""
+            desc: str = "evaluating", mode: str | None = None) -> list[dict]:
+    """Greedy replies for `rows` (dicts with id, label, generator); `frames_of(row)` gives the frames; `mode` as in
+    prompt.prompt_for (default: the fixed prompt)."""
     tok = processor.tokenizer
+    text = chat_text(processor, mode)
     pairs = letter_pairs(tok)
     track = sorted(pairs)
     column = {t: j for j, t in enumerate(track)}
     out = []
     for start in tqdm(range(0, len(rows), batch), desc=desc, leave=False):
         chunk = rows[start:start + batch]
-        done = engine.generate(model, processor, encode(processor, [frames_of(r) for r in chunk], pixel_cap),
+        done = engine.generate(model, processor, encode(processor, [frames_of(r) for r in chunk], pixel_cap, text),
                                greedy=True, max_new_tokens=max_new_tokens, track_ids=track)
         for j, r in enumerate(chunk):
             ids = done.ids[j, :done.lengths[j]].tolist()
@@ -69,8 +72,10 @@ def predict(model, processor, rows, frames_of, pixel_cap: int, batch: int, max_n
 
 
 def score(preds: list[dict]) -> dict:
-    return metrics.compute([p["label"] for p in preds], [p["prediction"] for p in preds],
-                           [p["p_fake"] for p in preds], [p["generator"] for p in preds])
+    m = metrics.compute([p["label"] for p in preds], [p["prediction"] for p in preds],
+                        [p["p_fake"] for p in preds], [p["generator"] for p in preds])
+    m["think_rate"] = sum(thinks(p["response"]) for p in preds) / max(len(preds), 1)  # replies with a think block
+    return m
 
 
 def write(out_dir: Path, m: dict, preds: list[dict]) -> None:
@@ -105,7 +110,7 @@ def confusion_png(m: dict, path: Path) -> None:
 def report(m: dict) -> str:
     """The metrics table, the per-generator table, and the grep-able headline `f1:` line last."""
     lines = [f"{k:<14}{m[k]:.6f}" if isinstance(m[k], float) else f"{k:<14}{m[k]}"
-             for k in ("accuracy", "precision", "recall", "mcc", "auc", "brier", "unclear_rate", "n")]
+             for k in ("accuracy", "precision", "recall", "mcc", "auc", "brier", "unclear_rate", "think_rate", "n")]
     c = m["confusion"]
     lines.append(f"{'confusion':<14}tn {c['tn']}  fp {c['fp']}  fn {c['fn']}  tp {c['tp']}")
     lines.append("generator         n  accuracy")
@@ -115,19 +120,25 @@ def report(m: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_model(model, processor, setup, split: str = "val", limit: int | None = None) -> tuple[dict, list]:
-    """Metrics and predictions of a loaded model on a pinned set or split; the set's fingerprint goes in."""
+def max_new_tokens(setup, mode: str | None) -> int:
+    return NO_THINK_MAX_NEW_TOKENS if mode == "no_think" else setup.settings.eval_max_new_tokens
+
+
+def evaluate_model(model, processor, setup, split: str = "val", limit: int | None = None,
+                   mode: str | None = None) -> tuple[dict, list]:
+    """Metrics and predictions of a loaded model on a pinned set or split; the set's fingerprint goes in. `mode`
+    "no_think" asks for the answer alone and decodes only a few tokens."""
     from . import dataset
     rows, fingerprint = dataset.eval_clips(setup, split, limit)
     s = setup.settings
     preds = predict(model, processor, rows.to_dict("records"), lambda r: dataset.load_frames(setup, r),
-                    s.pixel_cap, s.eval_batch, s.eval_max_new_tokens, desc=f"evaluating {split}")
+                    s.pixel_cap, s.eval_batch, max_new_tokens(setup, mode), desc=f"evaluating {split}", mode=mode)
     m = score(preds)
-    m.update(split=split, fingerprint=fingerprint, profile=setup.profile)
+    m.update(split=split, fingerprint=fingerprint, profile=setup.profile, mode=mode or "fixed")
     return m, preds
 
 
-def evaluate_videos(model, processor, setup, paths: list[Path]) -> None:
+def evaluate_videos(model, processor, setup, paths: list[Path], mode: str | None = None) -> None:
     """Reasoning, verdict and P(fake) for each video; unusable files are reported, skipped and counted."""
     from .video import BadVideo, decode_clip
     skipped = 0
@@ -139,6 +150,6 @@ def evaluate_videos(model, processor, setup, paths: list[Path]) -> None:
             skipped += 1
             continue
         p = predict(model, processor, [dict(id=str(path), label="", generator="")], lambda r: frames,
-                    setup.settings.pixel_cap, 1, setup.settings.eval_max_new_tokens, desc=path.name)[0]
+                    setup.settings.pixel_cap, 1, max_new_tokens(setup, mode), desc=path.name, mode=mode)[0]
         print(f"== {path}\n{p['response']}\nverdict: {p['prediction']}  p_fake: {p['p_fake']:.4f}")
     print(f"{len(paths) - skipped} videos scored, {skipped} skipped")

@@ -8,7 +8,7 @@ from transformers import AutoProcessor, BitsAndBytesConfig, Qwen2_5_VLForConditi
 
 from .errors import UserError
 from .profiles import FRAMES, MIN_PIXELS, SAMPLE_FPS
-from .prompt import messages
+from .prompt import messages, prompt_for
 
 MIN_TRANSFORMERS = "5.18"
 
@@ -62,14 +62,17 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def chat_text(processor) -> str:
-    return processor.apply_chat_template(messages(), add_generation_prompt=True, tokenize=False)
+def chat_text(processor, mode: str | None = None, prompt: str | None = None) -> str:
+    """The chat turn as text: the fixed prompt in `mode` (see prompt.prompt_for), or another `prompt`."""
+    return processor.apply_chat_template(messages(prompt or prompt_for(mode)), add_generation_prompt=True,
+                                         tokenize=False)
 
 
-def encode(processor, clips: list[np.ndarray], pixel_cap: int, text: str | None = None):
-    """A left-padded batch for clips of uint8 [16, H, W, 3] frames, each passed as ONE video at 4 fps."""
-    text = text or chat_text(processor)
-    return processor(text=[text] * len(clips), videos=list(clips), padding=True, padding_side="left",
+def encode(processor, clips: list[np.ndarray], pixel_cap: int, text: str | list[str] | None = None):
+    """A left-padded batch for clips of uint8 [16, H, W, 3] frames, each passed as ONE video at 4 fps; `text` is
+    the chat text for every clip or one per clip (default: the fixed prompt)."""
+    texts = text if isinstance(text, list) else [text or chat_text(processor)] * len(clips)
+    return processor(text=texts, videos=list(clips), padding=True, padding_side="left",
                      video_metadata=[{"fps": SAMPLE_FPS, "total_num_frames": FRAMES}] * len(clips),
                      do_sample_frames=False, cap_pixels_per_frame=False, size={"shortest_edge": MIN_PIXELS, "longest_edge": pixel_cap},
                      return_tensors="pt")

@@ -15,6 +15,7 @@ PROMPT = (
     "B) fake"
 )
 FORMAT_HINT = "<think>{reasoning}</think><answer>{A or B}</answer>"
+MODES = ("think", "no_think")  # BusterX++'s thinking-mode switches, written as /think or /no_think
 LABELS = ("real", "fake")  # index = label id; fake is the positive class
 LETTERS = ("A", "B")  # A) real, B) fake
 
@@ -25,6 +26,17 @@ _WORDS = {"a": "real", "real": "real", "a) real": "real", "b": "fake", "fake": "
 _FORMAT = re.compile(
     r"\s*<think>((?:(?!</?think>|</?answer>).)+)</think>\s*<answer>([AB])</answer>\s*", re.S
 )
+_NO_THINK_FORMAT = re.compile(r"\s*<answer>([AB])</answer>\s*")
+
+
+def prompt_for(mode: str | None = None) -> str:
+    """The fixed prompt, or with a mode the prompt and its switch on a last line. No switch is the thinking mode the
+    fixed evaluation has always scored, so its numbers stay comparable with runs that never saw a switch."""
+    if mode is None:
+        return PROMPT
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    return f"{PROMPT}\n/{mode}"
 
 
 def messages(prompt: str = PROMPT) -> list[dict]:
@@ -40,6 +52,12 @@ def parse_answer(reply: str) -> str:
     return _WORDS.get(found[-1].strip().strip(".").lower(), "unclear")
 
 
-def is_well_formed(reply: str) -> bool:
-    """True for exactly <think>...</think><answer>A|B</answer> (whitespace around the blocks allowed)."""
-    return _FORMAT.fullmatch(reply) is not None
+def is_well_formed(reply: str, mode: str | None = None) -> bool:
+    """True for exactly <think>...</think><answer>A|B</answer>, or <answer>A|B</answer> alone in no_think mode
+    (whitespace around the blocks allowed)."""
+    return (_NO_THINK_FORMAT if mode == "no_think" else _FORMAT).fullmatch(reply) is not None
+
+
+def thinks(reply: str) -> bool:
+    """Whether the reply opens a think block (what the /no_think switch asks the model not to do)."""
+    return "<think>" in reply

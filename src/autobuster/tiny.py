@@ -137,23 +137,18 @@ def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 
     direction = torch.randn(48, generator=rng)
     cap = processor.video_processor.size["longest_edge"]
 
-    def targets(replies):
-        t = tok([r + tok.eos_token for r in replies], add_special_tokens=False, padding=True, padding_side="right",
-                return_tensors="pt")
-        return t.input_ids, t.attention_mask.float()
-
     for step in range(steps):
         rows = clips.batch(batch)
         thoughts = [THOUGHT] * batch
         prompts = encode(processor, [f for _, f in rows], cap)
         if supervised:
-            ids, mask = targets([f"<think>{t}</think><answer>{'AB'[r['label'] == 'fake']}</answer>"
-                                 for t, (r, _) in zip(thoughts, rows)])
+            ids, mask = engine.reply_ids(tok, [f"<think>{t}</think><answer>{'AB'[r['label'] == 'fake']}</answer>"
+                                               for t, (r, _) in zip(thoughts, rows)])
             loss = -(engine.token_logprobs(model, prompts, ids) * mask).sum() / mask.sum()
         else:
             # score each reply with A and with B: the tokens after the letter learn both continuations
-            ids_a, mask = targets([f"<think>{t}</think><answer>A</answer>" for t in thoughts])
-            ids_b, _ = targets([f"<think>{t}</think><answer>B</answer>" for t in thoughts])
+            ids_a, mask = engine.reply_ids(tok, [f"<think>{t}</think><answer>A</answer>" for t in thoughts])
+            ids_b, _ = engine.reply_ids(tok, [f"<think>{t}</think><answer>B</answer>" for t in thoughts])
             at = torch.arange(batch), torch.tensor([letter_position(tok, r.tolist()) for r in ids_a])
             lp_a = engine.token_logprobs(model, prompts, ids_a)
             lp_b = engine.token_logprobs(model, prompts, ids_b)
