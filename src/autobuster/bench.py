@@ -14,9 +14,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from . import engine
+from . import distributed, engine
 from .errors import UserError
-from .model import lora_targets, nf4
+from .model import default_device, lora_targets, nf4
 
 TEXT = {  # language-model shapes of the public checkpoints
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -125,7 +125,8 @@ def engine_rollout(model, batch, group, new, r):
 
 
 def engine_update(model, batch, ids, group, micro_tokens, r):
-    """Old log-probs (no grad) and one forward/backward over every completion, micro-batched by token budget."""
+    """Old log-probs (no grad) and one forward/backward over every completion, micro-batched by token budget;
+    under torchrun the gradients are summed over the ranks, as train_dapo.py does."""
     prompt_of_row = torch.arange(len(batch["input_ids"])).repeat_interleave(group)
     rows = torch.arange(len(ids))
     micro = rows.split(max(1, micro_tokens // (batch["input_ids"].shape[1] + ids.shape[1])))
@@ -139,6 +140,7 @@ def engine_update(model, batch, ids, group, micro_tokens, r):
         for p, o in zip(micro, old):
             logp = engine.token_logprobs(model, batch, ids[p], prompt_of_row=prompt_of_row[p], features=features)
             (-(torch.exp(logp - o) * adv[p, None]).sum() / ids.numel()).backward()
+        distributed.all_sum_grads([q for q in model.parameters() if q.requires_grad])
     r["update_peak_gb"] = peak_gb(reset=True)
 
 
@@ -217,12 +219,14 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
         raise UserError(f"unknown --size {size!r}: use one of {', '.join(TEXT)}")
     if frames % 2 or side < 56:
         raise UserError("--frames must be even and --side at least 56")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = distributed.init()  # under torchrun: one DAPO step per rank, its own prompts, summed gradients
+    plain = plain and world == 1
+    device = default_device()
     model = random_model(size, four_bit, device)
-    batch = prompts(prompts_per_step, frames, side, TEXT[size]["vocab_size"])
+    batch = prompts(prompts_per_step, frames, side, TEXT[size]["vocab_size"], seed=rank)
     rows, plen = prompts_per_step * group, batch["input_ids"].shape[1]
     setting = dict(size=size, frames=frames, side=side, prompt_tokens=plen, prompts=prompts_per_step, group=group,
-                   rows=rows, new_tokens=new_tokens, weights="nf4" if four_bit else "bf16",
+                   rows=rows, new_tokens=new_tokens, weights="nf4" if four_bit else "bf16" if device.type == "cuda" else "fp32", gpus=world,
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
     print(json.dumps(setting))
     result = dict(setting=setting, weights_gb=peak_gb(reset=True))
@@ -252,7 +256,8 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
             r["decode_ms_per_step"] = 1000 * (r["rollout_s"] - r["prefill_s"]) / (new_tokens - 1)
         if "update_s" in r:
             r["update_tokens_per_s"] = rows * new_tokens / r["update_s"]
-            r["step_s"] = r["rollout_s"] + r["update_s"]
+            r["step_s"] = distributed.all_max(r["rollout_s"] + r["update_s"])  # the slowest rank sets the pace
+            r["prompts_per_s"] = world * prompts_per_step / r["step_s"]
         result[name] = r
         print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
     bw = copy_bandwidth()
@@ -270,7 +275,8 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
     print("floor", json.dumps(result["floor"]))
     if "ratios" in result:
         print("ratios", json.dumps(result["ratios"]))
-    if out:
+    if out and rank == 0:
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
+    distributed.close()
     return result
