@@ -30,6 +30,8 @@ VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, 
               fullatt_block_indexes=[7, 15, 23, 31])
 TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1])
 SPECIAL = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+SPECIAL_FROM = 151643  # ids from here up are Qwen's special tokens: never sampled (a sampled <|video_pad|> breaks
+# the next forward), as engine.banned_ids does with a real tokenizer
 TEXT_TOKENS = 142  # the BusterX++ prompt and chat template around the video (2,190 - 2,048 at 448²)
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # train_dapo.py's default for the real profiles
 
@@ -62,12 +64,12 @@ def random_model(size: str, four_bit: bool, device: torch.device):
     return model.eval()
 
 
-def prompts(n: int, frames: int, side: int, vocab: int, seed: int = 0) -> dict:
+def prompts(n: int, frames: int, side: int, seed: int = 0) -> dict:
     """A batch shaped like encode()'s: chat text around one video of `frames` frames at side² (random pixels)."""
     g = torch.Generator().manual_seed(seed)
     t, h = frames // 2, side // 14 // 2 * 2
     video = t * h * h // 4
-    text = torch.randint(0, min(vocab, 151643), (n, TEXT_TOKENS), generator=g)
+    text = torch.randint(0, SPECIAL_FROM, (n, TEXT_TOKENS), generator=g)
     ids = torch.cat([text[:, :15], torch.full((n, 1), SPECIAL["vision_start_token_id"]),
                      torch.full((n, video), SPECIAL["video_token_id"]),
                      torch.full((n, 1), SPECIAL["vision_end_token_id"]), text[:, 17:]], 1)
@@ -75,6 +77,10 @@ def prompts(n: int, frames: int, side: int, vocab: int, seed: int = 0) -> dict:
                 mm_token_type_ids=(ids == SPECIAL["video_token_id"]).long() * 2,
                 pixel_values_videos=torch.randn(n * t * h * h, 3 * 2 * 14 * 14, generator=g),
                 video_grid_thw=torch.tensor([[t, h, h]] * n), second_per_grid_ts=torch.tensor([0.5] * n))
+
+
+def special(model) -> list[int]:
+    return list(range(SPECIAL_FROM, model.config.text_config.vocab_size))
 
 
 @contextmanager
@@ -113,7 +119,7 @@ def copy_bandwidth() -> float:
 
 def engine_rollout(model, batch, group, new, r):
     """Vision + prefill + first token, then the full rollout."""
-    kw = dict(ends=[], banned=[], pad=0)
+    kw = dict(ends=[], banned=special(model), pad=0)
     engine.decode(model, batch, group, 2, **kw)  # warm-up: kernels, allocator, graph capture
     with clock(r, "prefill_s"):
         engine.decode(model, batch, group, 1, **kw)
@@ -147,7 +153,8 @@ def engine_update(model, batch, ids, group, micro_tokens, r):
 def plain_rollout(model, batch, group, new, r):
     """Hugging Face generate: every sample repeats the vision tower and the prefill."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
-    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=group)
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=group,
+              suppress_tokens=special(model))
     model.generate(**batch, max_new_tokens=2, min_new_tokens=2, **kw)
     with clock(r, "prefill_s"):
         model.generate(**batch, max_new_tokens=1, min_new_tokens=1, **kw)
@@ -192,8 +199,9 @@ def greedy_agreement(model, batch, n: int = 64) -> dict:
     engine's own sequence (teacher-forced: with random weights near-ties are common, and one flipped tie makes
     the free-running sequences part for good)."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
-    ours, _ = engine.decode(model, batch, 1, n, ends=[], banned=[], pad=0, greedy=True)
-    ref = model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n)
+    ours, _ = engine.decode(model, batch, 1, n, ends=[], banned=special(model), pad=0, greedy=True)
+    ref = model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                         suppress_tokens=special(model))
     plen = batch["input_ids"].shape[1]
     full = torch.cat([batch["input_ids"], ours], 1)
     ext = dict(batch, input_ids=full, attention_mask=torch.ones_like(full),
@@ -223,7 +231,7 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
     plain = plain and world == 1
     device = default_device()
     model = random_model(size, four_bit, device)
-    batch = prompts(prompts_per_step, frames, side, TEXT[size]["vocab_size"], seed=rank)
+    batch = prompts(prompts_per_step, frames, side, seed=rank)
     rows, plen = prompts_per_step * group, batch["input_ids"].shape[1]
     setting = dict(size=size, frames=frames, side=side, prompt_tokens=plen, prompts=prompts_per_step, group=group,
                    rows=rows, new_tokens=new_tokens, weights="nf4" if four_bit else "bf16" if device.type == "cuda" else "fp32", gpus=world,
