@@ -206,10 +206,10 @@ def greedy_agreement(model, batch, n: int = 64) -> dict:
     full = torch.cat([batch["input_ids"], ours], 1)
     ext = dict(batch, input_ids=full, attention_mask=torch.ones_like(full),
                mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ours)], 1))
-    forced = model(**ext).logits[:, plen - 1:-1].argmax(-1)
+    forced = model(**ext).logits[:, plen - 1:-1, :SPECIAL_FROM].argmax(-1)
     # the same teacher-forced check of generate's own tokens: the agreement bf16 allows any decoder
     ext = dict(ext, input_ids=ref)
-    own = model(**ext).logits[:, plen - 1:-1].argmax(-1)
+    own = model(**ext).logits[:, plen - 1:-1, :SPECIAL_FROM].argmax(-1)
     return dict(free=(ours == ref[:, plen:]).float().mean().item(), forced=(ours == forced).float().mean().item(),
                 plain_forced=(ref[:, plen:] == own).float().mean().item())
 
