@@ -40,6 +40,7 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj") + (("gate_proj", "up_pro
 # it in full and saves it with the adapter (peft's modules_to_save).
 TRAIN_VISION = TINY
 LEARNING_RATE = 5e-4 if TINY else 1e-5
+VISION_LEARNING_RATE = 2e-3  # the trained tiny tower learns to see 4x faster than the LoRA language model
 WARMUP = 0.05  # share of the time budget with a linear learning-rate warm-up
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
@@ -49,7 +50,7 @@ MAX_NEW_TOKENS = 64 if TINY else 750
 OVERLONG_WINDOW = 16 if TINY else 150  # soft overlong penalty ramps from max - window to max
 TEMPERATURE = 1.0  # sampling temperature; log-probs are divided by the same value
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # DAPO's decoupled clip range
-UPDATES_PER_BATCH = 1  # optimizer steps per rollout batch; > 1 adds one no-grad old-log-prob pass
+UPDATES_PER_BATCH = 2  # optimizer steps per rollout batch; > 1 adds one no-grad old-log-prob pass
 DYNAMIC_SAMPLING = True  # drop groups whose samples are all right or all wrong, draw more prompts
 MAX_DRAWS = 4  # prompt draws per step before going on with fewer groups
 MALFORMED_IN_LOSS = False  # False: malformed or truncated replies score -1 but stay out of the loss
@@ -63,9 +64,9 @@ RUN_DIR = Path(os.environ.get("AUTOBUSTER_RUN_DIR") or f"runs/{time.strftime('%Y
 STAGE2 = False  # thinking-mode fusion: SFT on correct replies, /think -> the full reply, /no_think -> its answer
 STAGE3 = False  # DAPO again, each prompt in a random mode, plus the hybrid and thinking rewards
 STAGE1_SHARE = 0.5  # share of the budget for stage 1 when stage 2 or 3 is on; stage 3 runs to the end
-FUSION_CLIPS = 64 if TINY else 300  # train clips sampled (G replies each) for stage 2's correct replies
-FUSION_BATCH = 4  # pairs per stage-2 optimizer step (one epoch over all pairs)
-FUSION_LR = LEARNING_RATE  # stage 2's learning rate
+FUSION_CLIPS = 256 if TINY else 300  # train clips sampled (G replies each) for stage 2's correct replies
+FUSION_BATCH = 8  # pairs per stage-2 optimizer step (one epoch over all pairs)
+FUSION_LR = 1e-3 if TINY else LEARNING_RATE  # stage 2's learning rate; the tiny model needs ~60 steps at 1e-3
 # The thinking reward's reward model: a Qwen2.5-VL directory (the paper: SophiaVL-R1-Thinking-Reward-Model-3B);
 # "" turns the thinking reward off.
 THINKING_SCORER = ""
@@ -324,7 +325,10 @@ def main():
     distributed.broadcast(trainable)  # rank 0's LoRA init on every rank
     print(f"base {BASE_MODEL}  trainable {sum(p.numel() for p in trainable):,} params  budget {TIME_BUDGET}s  "
           f"ranks {world}")
-    opt = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    vision = {id(p) for n, p in model.named_parameters() if p.requires_grad and ".visual." in n}
+    param_groups = [dict(params=[p for p in trainable if id(p) not in vision], peak=LEARNING_RATE),
+                    dict(params=[p for p in trainable if id(p) in vision], peak=VISION_LEARNING_RATE)]
+    opt = torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=WEIGHT_DECAY)
     clips = dataset.TrainClips(SETUP, seed=SEED + rank)
     log = open(RUN_DIR / "train.jsonl" if rank == 0 else os.devnull, "a")  # rank 0 logs its own rollouts' stats
 
@@ -346,7 +350,7 @@ def main():
             continue
         stage = 3 if STAGE3 and trained >= stage1_end else 1
         for group in opt.param_groups:
-            group["lr"] = LEARNING_RATE * min(1.0, trained / (WARMUP * TIME_BUDGET + 1e-9))
+            group["lr"] = group["peak"] * min(1.0, trained / (WARMUP * TIME_BUDGET + 1e-9))
         stats.update(step=step, seen=[])
         model.eval()
         groups = rollout(model, processor, clips, stats, mixed=stage == 3, scorer=scorer)

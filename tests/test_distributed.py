@@ -42,8 +42,8 @@ def worker(out: Path):
 
     rank, world = distributed.init()
     # 3 rows per micro-batch (the prompt is 161 tokens), cutting across groups; no clipping, so that the comparison
-    # sees the gradient's scale
-    td.GROUP_SIZE, td.MICRO_BATCH_TOKENS, td.GRAD_CLIP = G, 630, float("inf")
+    # sees the gradient's scale; one optimizer step per batch (with more, each rank cuts its own mini-batches)
+    td.GROUP_SIZE, td.MICRO_BATCH_TOKENS, td.GRAD_CLIP, td.UPDATES_PER_BATCH = G, 630, float("inf"), 1
     clips = dataset.TrainClips(td.SETUP, seed=0)
     groups = [g | dict(frames=frames) for g, (_, frames) in zip(completions(), clips.batch(len(LENGTHS)))]
     clips.close()

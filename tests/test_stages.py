@@ -85,7 +85,7 @@ def test_tiny_run_with_stages_2_and_3(tiny_home, tmp_path):
     script = tmp_path / "train_dapo.py"
     script.write_text((ROOT / "train_dapo.py").read_text())
     edit(script, ("STAGE2 = False", "STAGE2 = True"), ("STAGE3 = False", "STAGE3 = True"),
-         ("FUSION_CLIPS = 64 if TINY", "FUSION_CLIPS = 8 if TINY"), ("STAGE1_SHARE = 0.5", "STAGE1_SHARE = 0.0"))
+         ("FUSION_CLIPS = 256 if TINY", "FUSION_CLIPS = 8 if TINY"), ("STAGE1_SHARE = 0.5", "STAGE1_SHARE = 0.0"))
     env = {**os.environ, "AUTOBUSTER_RUN_DIR": str(tmp_path / "run"), "AUTOBUSTER_TIME_BUDGET": "20",
            "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, env=env)
