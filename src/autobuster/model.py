@@ -42,6 +42,12 @@ def load(path: str, adapter: str | None = None, four_bit: bool = False, device: 
         processor = AutoProcessor.from_pretrained(path)
     except OSError as e:
         raise UserError(f"cannot load the model {path!r}: {e}".splitlines()[0]) from None
+    if four_bit and device.type == "cpu":
+        # bitsandbytes repacks 4-bit weights for a CPU inference kernel at the first eval forward and keeps that
+        # layout, so later training forwards run a kernel without autograd: keep the trainable layout
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter)
