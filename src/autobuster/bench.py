@@ -194,24 +194,46 @@ def plain_update(model, batch, ids, group, rows_per_micro, r):
 
 
 def greedy_agreement(model, batch, n: int = 64) -> dict:
-    """The engine's first n greedy tokens (one row per prompt) against Hugging Face: `free` is the share equal to
-    generate's, position by position; `forced` the share equal to the argmax of a plain full forward over the
-    engine's own sequence (teacher-forced: with random weights near-ties are common, and one flipped tie makes
-    the free-running sequences part for good)."""
+    """The engine's first n greedy tokens (one row per prompt) against Hugging Face.
+
+    `free`: the share equal to generate's, position by position. `forced`: the share equal to the argmax of a
+    plain full forward over the engine's own sequence (teacher-forced; `plain_forced` is the same check of
+    generate's own tokens). With random weights the logits are near-uniform and bf16 rounding flips near-ties in
+    any decoder, and one flipped tie makes the free-running sequences part for good; so both are also reported
+    where the reference is clear of the noise. The noise is measured, not assumed: `noise` is the largest
+    difference, over every position and token, between generate's logits and a full forward's over the same
+    sequence (the same logits computed two ways in bf16). Where the full forward's top-1 leads its top-2 by more
+    than `threshold` = 2 x noise, a decoder whose logits are that close must pick the same token. `forced_clear`
+    is `forced` over those positions (`clear` of them), `free_clear` is `free` over the positions before each
+    row's first unclear one in generate's sequence (`free_clear_positions` of them)."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
     ours, _ = engine.decode(model, batch, 1, n, ends=[], banned=special(model), pad=0, greedy=True)
-    ref = model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                         suppress_tokens=special(model))
-    plen = batch["input_ids"].shape[1]
-    full = torch.cat([batch["input_ids"], ours], 1)
-    ext = dict(batch, input_ids=full, attention_mask=torch.ones_like(full),
-               mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ours)], 1))
-    forced = model(**ext).logits[:, plen - 1:-1, :SPECIAL_FROM].argmax(-1)
-    # the same teacher-forced check of generate's own tokens: the agreement bf16 allows any decoder
-    ext = dict(ext, input_ids=ref)
-    own = model(**ext).logits[:, plen - 1:-1, :SPECIAL_FROM].argmax(-1)
-    return dict(free=(ours == ref[:, plen:]).float().mean().item(), forced=(ours == forced).float().mean().item(),
-                plain_forced=(ref[:, plen:] == own).float().mean().item())
+    gen = model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                         suppress_tokens=special(model), output_logits=True, return_dict_in_generate=True)
+    ref = gen.sequences[:, -n:]
+
+    def forced(ids):  # logits of a plain full forward over prompt + ids at the positions that predict ids
+        ext = dict(batch, input_ids=torch.cat([batch["input_ids"], ids], 1),
+                   attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(ids)], 1),
+                   mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids)], 1))
+        return model(**ext, logits_to_keep=n + 1).logits[:, :-1, :SPECIAL_FROM].float()
+
+    ours_forced, ref_forced = forced(ours), forced(ref)
+    noise = (torch.stack(gen.logits, 1)[..., :SPECIAL_FROM].float() - ref_forced).abs().max().item()
+    threshold = 2 * noise
+
+    def clear(logits):
+        top = logits.topk(2, -1).values
+        return top[..., 0] - top[..., 1] > threshold
+
+    forced_ok = ours == ours_forced.argmax(-1)
+    ours_clear = clear(ours_forced)
+    before_tie = clear(ref_forced).long().cumprod(1).bool()  # positions before the row's first unclear one
+    return dict(free=(ours == ref).float().mean().item(), forced=forced_ok.float().mean().item(),
+                plain_forced=(ref == ref_forced.argmax(-1)).float().mean().item(), noise=noise,
+                threshold=threshold, forced_clear=forced_ok[ours_clear].float().mean().item(),
+                clear=ours_clear.float().mean().item(), free_clear=(ours == ref)[before_tie].float().mean().item(),
+                free_clear_positions=int(before_tie.sum()))
 
 
 def with_lora(model):

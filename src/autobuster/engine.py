@@ -152,11 +152,13 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     step = torch.zeros(1, dtype=torch.long, device=device)  # index of the token chosen last
 
-    def choose(logits):  # logits [rows, vocab] of position `step`; writes the token there
-        tracked.index_copy_(1, step, logits[:, track_t].unsqueeze(1))
-        logits = logits.index_fill(1, banned_t, float("-inf"))
-        if not greedy:  # Gumbel-max: a sample from softmax(logits / T), drawn on the device without a sync
-            logits = logits / temperature - torch.empty_like(logits).exponential_().log()
+    def choose(logits):  # fresh fp32 logits [rows, vocab] of position `step`, changed in place; writes the token
+        if track_ids:
+            tracked.index_copy_(1, step, logits[:, track_t].unsqueeze(1))
+        logits.index_fill_(1, banned_t, float("-inf"))
+        if not greedy:  # Gumbel-max, drawn on the device without a sync: a sample from softmax(logits / T) is
+            # argmax(logits / T - log E) = argmax(logits - T log E) with E ~ Exp(1), one pass fewer over the vocab
+            logits.add_(torch.empty_like(logits).exponential_().log_(), alpha=-temperature)
         token = torch.where(done, pad, logits.argmax(-1))
         ids.index_copy_(1, step, token.unsqueeze(1))
         done.logical_or_(torch.isin(token, ends_t))
@@ -178,7 +180,7 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
     choose(first)
     run = step_fn
     if max_new_tokens > 1 and ((device.type == "cuda") if cuda_graph is None else cuda_graph):
-        run = _graphed(step_fn, [ids, tracked, done, step, mask, cache.pos, *cache.keys, *cache.values])
+        run = _graphed(step_fn, [ids, tracked, done, step, mask, cache.pos])
     every = EXIT_CHECK_EVERY if device.type == "cuda" else 1
     for t in range(1, max_new_tokens):
         if t % every == 0 and len(ends) and bool(done.all()):
@@ -190,7 +192,9 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
 
 def _graphed(fn, state: list[torch.Tensor]):
     """`fn` captured as a CUDA graph. Capture needs warm-up runs, which change the state tensors: they are
-    saved first and restored after."""
+    saved first and restored after. The KV cache is left out of `state` (a copy of it would double the rollout's
+    peak memory): the warm-up runs write keys and values at positions that the restored mask hides and that the
+    decode steps overwrite before they read them."""
     saved = [t.clone() for t in state]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
