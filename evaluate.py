@@ -29,7 +29,7 @@ def main(a):
     t0 = time.time()
     m, preds = evaluation.evaluate_model(model, processor, setup, a.split, a.limit, a.mode)
     m.update(model=a.model or setup.model, adapter=a.adapter, seconds=round(time.time() - t0, 1))
-    out = Path(a.out or f"runs/eval-{a.split}{'-' + a.mode if a.mode else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(a.out or f"evals/{a.split}{'-' + a.mode if a.mode else ''}-{time.strftime('%Y%m%d-%H%M%S')}")
     evaluation.write(out, m, preds)
     print(evaluation.report(m))
     print(f"written to {out}")
@@ -42,7 +42,7 @@ if __name__ == "__main__":
     p.add_argument("--adapter", help="a peft LoRA adapter directory")
     p.add_argument("--split", default="val", help="val (default), holdout, test or benchmark")
     p.add_argument("--limit", type=int, help="score only the first N clips")
-    p.add_argument("--out", help="output folder (default runs/eval-<split>-<time>)")
+    p.add_argument("--out", help="output folder (default evals/<split>-<time>; runs/ holds only the loop's record)")
     p.add_argument("--mode", choices=("think", "no_think"),
                    help="BusterX++'s switch on the prompt: /think, or /no_think for the answer alone (short decoding, "
                         "much faster); default: the fixed prompt, which asks for reasoning")

@@ -27,6 +27,7 @@ from autobuster.prompt import MODES, PROMPT, is_well_formed, parse_answer, think
 
 SETUP = guarded(active)  # the profile prepare.py recorded: data, base model, time budget
 TINY = SETUP.profile == "tiny"  # the tiny CPU model needs far larger steps than LoRA on a 7B model
+TIME_BUDGET = SETUP.time_budget  # seconds of rollouts + updates, fixed per profile (not an experiment knob)
 
 # ---------------------------------------------------------------- constants (edit these)
 BASE_MODEL = SETUP.model  # any local Qwen2.5-VL directory or hub id (e.g. BusterX++ weights)
@@ -42,6 +43,8 @@ TRAIN_VISION = TINY
 LEARNING_RATE = 5e-4 if TINY else 1e-5
 VISION_LEARNING_RATE = 2e-3  # the trained tiny tower learns to see 4x faster than the LoRA language model
 WARMUP = 0.05  # share of the time budget with a linear learning-rate warm-up
+WARMDOWN = 0.5  # share of the budget at the end with a linear decay to FINAL_LR_FRACTION (steadies the last steps)
+FINAL_LR_FRACTION = 0.1
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
 GROUP_SIZE = 8  # G completions per prompt
@@ -56,7 +59,6 @@ MAX_DRAWS = 4  # prompt draws per step before going on with fewer groups
 MALFORMED_IN_LOSS = False  # False: malformed or truncated replies score -1 but stay out of the loss
 MICRO_BATCH_TOKENS = 16384  # prompt + completion tokens per forward/backward (memory vs speed)
 GRADIENT_CHECKPOINTING = not TINY
-TIME_BUDGET = SETUP.time_budget  # seconds of rollouts + updates; fixed per profile by prepare.py
 SEED = 0
 RUN_DIR = Path(os.environ.get("AUTOBUSTER_RUN_DIR") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -306,6 +308,13 @@ def fuse(model, processor, clips) -> dict:
 # ---------------------------------------------------------------- main
 
 
+def lr_factor(progress: float) -> float:
+    """Learning-rate multiplier at `progress` (elapsed / budget): linear warm-up, flat, linear warm-down."""
+    warm = progress / WARMUP if WARMUP else 1.0
+    down = FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * (1 - progress) / WARMDOWN if WARMDOWN else 1.0
+    return max(0.0, min(1.0, warm, down))
+
+
 def main():
     SETUP.check_device()
     rank, world = distributed.init()  # (0, 1) unless started by torchrun
@@ -350,7 +359,7 @@ def main():
             continue
         stage = 3 if STAGE3 and trained >= stage1_end else 1
         for group in opt.param_groups:
-            group["lr"] = group["peak"] * min(1.0, trained / (WARMUP * TIME_BUDGET + 1e-9))
+            group["lr"] = group["peak"] * lr_factor(trained / TIME_BUDGET)
         stats.update(step=step, seen=[])
         model.eval()
         groups = rollout(model, processor, clips, stats, mixed=stage == 3, scorer=scorer)

@@ -40,8 +40,9 @@ def test_init_refuses_an_existing_tag(ws):
 
 
 def test_baseline_is_kept(ws):
-    out = cli(ws, "run", "baseline", "--budget", "20").stdout.strip().splitlines()[-1]
-    assert out.startswith("keep")
+    lines = cli(ws, "run", "baseline", "--budget", "20").stdout.strip().splitlines()
+    out = lines[-1]
+    assert out.startswith("keep") and "profile tiny" in lines[0] and "run.log" in lines[0]
     rows = results(ws)
     assert list(rows.columns) == ["commit", "f1", "accuracy", "memory_gb", "p_better", "status", "description"]
     assert rows.status.tolist() == ["keep"] and rows.f1[0] > 0
@@ -49,6 +50,12 @@ def test_baseline_is_kept(ws):
     assert (run / "adapter" / "adapter_config.json").exists() and (run / "metrics.json").exists()
     # the score comes from the separate evaluation: metrics.json and the row agree
     assert json.loads((run / "metrics.json").read_text())["f1"] == pytest.approx(rows.f1[0], abs=1e-6)
+    # the one-line result and status --json carry the step count that train_dapo.py's summary reported
+    steps = int(next(line.split()[1] for line in (run / "run.log").read_text().splitlines()
+                     if line.startswith("num_steps:")))
+    assert f"steps={steps} " in out and steps > 0
+    info = json.loads(cli(ws, "status", "--json").stdout)
+    assert info["recent"][-1]["run_id"] == run.name and info["recent"][-1]["steps"] == steps
 
 
 def test_unchanged_file_is_refused(ws):

@@ -221,7 +221,9 @@ def eval_clips(setup: Setup, split: str, limit: int | None = None) -> tuple[pd.D
         fp = hashlib.sha256(",".join(rows.id).encode()).hexdigest()[:16]
     else:
         raise UserError(f"unknown split {split!r}: use val, holdout, {', '.join(SPLITS)}")
-    return (rows.head(limit) if limit else rows), fp
+    if limit:  # the first clips of each label in turn: a short check sees both classes
+        rows = rows.iloc[rows.groupby("label").cumcount().argsort(kind="stable")].head(limit).reset_index(drop=True)
+    return rows, fp
 
 
 # ---------------------------------------------------------------- GenBuster download

@@ -14,10 +14,12 @@ import pandas as pd
 
 from . import metrics
 from .errors import UserError
-from .profiles import active
+from .profiles import active, home
 
 P_BETTER = 0.8  # keep only when the paired bootstrap says the candidate is better with at least this probability
 PLATEAU = 10  # runs without a keep that `status` calls a plateau
+OVERRUN = 1.1  # a run that trained past this share of the budget (+ 60 s for its last step) is a crash
+SLOW = 0.7  # warn when a run made fewer than this share of the best run's steps
 ALLOWANCE = {"tiny": 600, "genbuster": 3600}  # seconds for loading + evaluation on top of the training budget
 FIXED = ("prepare.py", "evaluate.py", "export.py", "src/autobuster")
 HEADER = "commit\tf1\taccuracy\tmemory_gb\tp_better\tstatus\tdescription\n"
@@ -81,14 +83,16 @@ class Workspace:
                  if line.startswith("worktree ")]
         return [w for w in (Workspace(p) for p in paths if Path(p).is_dir()) if w.state_file.exists()]
 
+    def records(self) -> list[dict]:
+        """Every finished run's run.json, oldest first."""
+        return [json.loads(f.read_text()) for f in sorted(self.runs.glob("*/run.json"))]
+
     def best_kept(self) -> dict | None:
-        runs = [json.loads(f.read_text()) for f in sorted(self.runs.glob("*/run.json"))]
-        kept = [r for r in runs if r["status"] == "keep"]
+        kept = [r for r in self.records() if r["status"] == "keep"]
         return max(kept, key=lambda r: r["f1"]) if kept else None
 
     def last_kept_commit(self) -> str:
-        runs = [json.loads(f.read_text()) for f in sorted(self.runs.glob("*/run.json"))]
-        kept = [r for r in runs if r["status"] == "keep"]
+        kept = [r for r in self.records() if r["status"] == "keep"]
         return kept[-1]["commit_full"] if kept else self.state()["base_commit"]
 
 
@@ -171,7 +175,7 @@ def recover(ws: Workspace) -> None:
     print(f"recovered run {lock['run_id']}: recorded as crash, branch back at {lock['kept'][:7]}")
 
 
-def finish(ws, lock, run_dir, status, m, memory_gb, p_better, note=""):
+def finish(ws, lock, run_dir, status, m, memory_gb, p_better, note="", steps=0):
     """Record the run (run.json, results.tsv), and on discard or crash save the patch and reset the branch."""
     commit = lock["commit"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +189,8 @@ def finish(ws, lock, run_dir, status, m, memory_gb, p_better, note=""):
             shutil.rmtree(adapter)
     record = dict(run_id=lock["run_id"], commit=commit[:7], commit_full=commit, status=status,
                   f1=m.get("f1", 0.0), accuracy=m.get("accuracy", 0.0), memory_gb=memory_gb, p_better=p_better,
-                  description=lock["description"], note=note, seconds=round(time.time() - lock["started"], 1))
+                  description=lock["description"], note=note, steps=steps,
+                  seconds=round(time.time() - lock["started"], 1))
     (run_dir / "run.json").write_text(json.dumps(record, indent=1))
     ws.append(commit[:7], record["f1"], record["accuracy"], memory_gb, p_better, status, lock["description"])
     ws.lock.unlink(missing_ok=True)
@@ -221,14 +226,33 @@ def processes(gpus: str | None, ws: Workspace) -> int:
     return int(value)
 
 
-def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None, gpus: int) -> tuple[str | None, float]:
-    """Run train_dapo.py (under torchrun for several GPUs) in its own process group with a hard timeout;
-    (crash reason or None, peak memory)."""
+def _limit(budget: int | None) -> tuple[int, int]:
+    """(training budget, hard timeout) of a run, in seconds."""
     setup = active()
+    budget = setup.time_budget if budget is None else budget
+    return budget, budget + ALLOWANCE.get(setup.profile, 3600)
+
+
+def _summary(text: str) -> dict[str, float]:
+    """The numbers of train_dapo.py's summary block (the `key: value` lines after `---`)."""
+    block = text.rsplit("\n---\n", 1)[1] if "\n---\n" in text else ""
+    pairs = [line.split(":", 1) for line in block.splitlines() if ":" in line]
+    out = {}
+    for key, value in pairs:
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None, gpus: int) -> tuple[str | None, dict]:
+    """Run train_dapo.py (under torchrun for several GPUs) in its own process group with a hard timeout;
+    (crash reason or None, its summary block)."""
     env = ws.env(AUTOBUSTER_RUN_DIR=str(run_dir), PYTHONUNBUFFERED="1")
     if budget is not None:
         env["AUTOBUSTER_TIME_BUDGET"] = str(budget)
-    limit = (setup.time_budget if budget is None else budget) + ALLOWANCE.get(setup.profile, 3600)
+    limit = _limit(budget)[1]
     with open(run_dir / "run.log", "w") as log:
         launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
                                      if gpus > 1 else [])
@@ -241,9 +265,9 @@ def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None, gpus: i
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return f"timeout after {limit}s", 0.0
+            return f"timeout after {limit}s", {}
     text = (run_dir / "run.log").read_text(errors="replace")
-    memory = next((float(line.split()[1]) for line in text.splitlines() if line.startswith("peak_memory_gb:")), 0.0)
+    summary = _summary(text)
     lines = [line for line in text.splitlines() if line.strip()]
     if "ChildFailedError" in text:  # torchrun's traceback and report end the log; the reason is the failed rank's
         torchrun = max(i for i, line in enumerate(lines) if line.startswith("Traceback"))
@@ -251,10 +275,10 @@ def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None, gpus: i
     fail = next((line for line in lines if line.startswith("FAIL:")), None)
     if fail or rc != 0:
         oom = next((line for line in lines if "out of memory" in line.lower() or "OutOfMemoryError" in line), None)
-        return oom or fail or (lines[-1] if lines else f"exit code {rc}"), memory
+        return oom or fail or (lines[-1] if lines else f"exit code {rc}"), summary
     if not (run_dir / "adapter" / "adapter_config.json").exists():
-        return "no adapter saved in the run directory", memory
-    return None, memory
+        return "no adapter saved in the run directory", summary
+    return None, summary
 
 
 def _score(ws: Workspace, run_dir: Path) -> dict:
@@ -290,7 +314,16 @@ def run(description: str, budget: int | None = None, long: bool = False, gpus: s
     lock = dict(run_id=run_id, commit=commit, kept=kept if not long else commit, description=description,
                 pid=os.getpid(), started=time.time())
     ws.lock.write_text(json.dumps(lock))
-    crash, memory = _train(ws, run_dir, lock, budget, n_gpus)
+    seconds, limit = _limit(budget)
+    setup = active()
+    print(f"run {run_id}: profile {setup.profile} (AUTOBUSTER_HOME={home()}), "
+          f"{seconds}s of training (wall clock) plus loading and evaluation, killed after {limit // 60} min; "
+          f"log {run_dir / 'run.log'}", flush=True)
+    crash, summary = _train(ws, run_dir, lock, budget, n_gpus)
+    memory, steps = summary.get("peak_memory_gb", 0.0), int(summary.get("num_steps", 0))
+    if not crash and summary.get("training_seconds", 0) > OVERRUN * seconds + 60:
+        crash = (f"trained {summary['training_seconds']:.0f}s, beyond the {seconds}s budget: TIME_BUDGET is fixed, "
+                 "and every phase (stage 2 too) must fit in it")
     m, p_better = {}, 0.0
     if crash is None:
         try:
@@ -308,14 +341,17 @@ def run(description: str, budget: int | None = None, long: bool = False, gpus: s
         b = b.loc[a.index]
         p_better = metrics.paired_bootstrap(a.label.tolist(), a.prediction.tolist(), b.prediction.tolist())["p_better"]
         status = "keep" if m["f1"] > best["f1"] and p_better >= P_BETTER else "discard"
-    record = finish(ws, lock, run_dir, status, m, memory, p_better, crash or "")
+    record = finish(ws, lock, run_dir, status, m, memory, p_better, crash or "", steps)
     mins, secs = divmod(int(record["seconds"]), 60)
     if crash:
         print(f"crash  {crash}  log={run_dir / 'run.log'}")
-    else:
-        best_f1 = f"{best['f1']:.4f}" if best else "none"
-        print(f"{status:<7} f1={m['f1']:.4f} (best {best_f1}, p_better {p_better:.2f})  mem={memory:.1f}GB  "
-              f"{mins}m{secs:02d}s  run={run_dir}")
+        return record
+    best_f1 = f"{best['f1']:.4f}" if best else "none, this is the baseline"
+    print(f"{status:<7} f1={m['f1']:.4f} (best {best_f1}, p_better {p_better:.2f})  steps={steps}  "
+          f"mem={memory:.1f}GB  {mins}m{secs:02d}s  run={run_dir}")
+    if best and best.get("steps") and steps < SLOW * best["steps"]:
+        print(f"warning: {steps} steps against {best['steps']} in the best run: the budget is wall-clock seconds, "
+              "so a slower step (or another job on this machine) means fewer steps")
     return record
 
 
@@ -343,6 +379,8 @@ def status(as_json: bool = False, all_loops: bool = False, ws: Workspace | None 
     else:
         recover(ws)
         rows, best, plot, recent = ws.rows(), ws.best_kept(), ws.root / "progress.png", 10
+    fields = ("run_id", "commit", "status", "f1", "accuracy", "p_better", "memory_gb", "steps", "seconds",
+              "description", "note")
     decided = rows[rows.status.isin(["keep", "discard", "crash"])]
     last_keep = max((i for i, s in enumerate(decided.status) if s == "keep"), default=-1)
     since = len(decided) - 1 - last_keep
@@ -350,7 +388,8 @@ def status(as_json: bool = False, all_loops: bool = False, ws: Workspace | None 
                 discards=int((rows.status == "discard").sum()), crashes=int((rows.status == "crash").sum()),
                 keep_rate=float((decided.status == "keep").mean()) if len(decided) else 0.0,
                 best=best, runs_since_keep=since, plateau=since >= PLATEAU,
-                recent=rows.tail(recent).to_dict("records"), progress=str(plot))
+                recent=rows.tail(recent).to_dict("records") if all_loops else
+                [{k: r.get(k) for k in fields} for r in ws.records()[-recent:]], progress=str(plot))
     if len(rows):
         plot_progress(rows, plot)
     if as_json:
@@ -358,7 +397,8 @@ def status(as_json: bool = False, all_loops: bool = False, ws: Workspace | None 
         return info
     print(rows.tail(recent).to_string(index=False) if len(rows) else "no runs yet")
     print(f"runs {info['runs']}  keep {info['keeps']}  discard {info['discards']}  crash {info['crashes']}  "
-          f"keep rate {info['keep_rate']:.2f}" + ("  PLATEAU" if info["plateau"] else ""))
+          f"keep rate {info['keep_rate']:.2f}  runs since keep {since}" + (
+              f"  PLATEAU (no keep in {PLATEAU} runs)" if info["plateau"] else ""))
     if best:
         print(f"best: f1={best['f1']:.4f}  run={best['run_id']}" + (f" in {best['loop']}" if all_loops else "")
               + f"  {best['description']}")
@@ -382,6 +422,7 @@ def plot_progress(rows: pd.DataFrame, path: Path) -> None:
     ax.step(x, running, where="post", c="tab:green", alpha=0.6, label="best kept")
     for i, (f1, d) in zip(x, zip(rows.f1, rows.description)):
         ax.annotate(str(d)[:18], (i, f1), fontsize=7, rotation=30, xytext=(3, 3), textcoords="offset points")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("experiment")
     ax.set_ylabel("val F1")
     ax.set_ylim(-0.02, 1.05)

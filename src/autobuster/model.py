@@ -1,5 +1,7 @@
 """Loading the policy: a Qwen2.5-VL directory or hub id, bf16 or 4-bit NF4, an optional peft adapter; and
 turning clips into model inputs (one video per clip, 4 fps metadata)."""
+import logging
+
 import numpy as np
 import torch
 import transformers
@@ -11,6 +13,8 @@ from .profiles import FRAMES, MIN_PIXELS, SAMPLE_FPS
 from .prompt import messages, prompt_for
 
 MIN_TRANSFORMERS = "5.18"
+# bitsandbytes warns at import that the optional `kernels` package is missing; its built-in CPU path is used instead
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def check_transformers() -> None:

@@ -89,10 +89,16 @@ def get_profile(name: str) -> Profile:
     return PROFILES[name]
 
 
+HOME_MARK = "$AUTOBUSTER_HOME"  # paths inside the home are stored relative to it: a copied or moved home still works
+
+
 def save_active(setup: Setup) -> None:
     home().mkdir(parents=True, exist_ok=True)
+    inside = str(home().resolve())
+    record = {k: HOME_MARK + v[len(inside):] if v == inside or v.startswith(inside + os.sep) else v
+              for k, v in asdict(setup).items()}
     tmp = home() / "active.json.tmp"
-    tmp.write_text(json.dumps(asdict(setup), indent=2))
+    tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(home() / "active.json")
 
 
@@ -101,4 +107,6 @@ def active() -> Setup:
     if not f.exists():
         raise UserError(f"no prepared dataset under {home()}: run `uv run prepare.py --profile tiny` "
                         "(offline, CPU) or `uv run prepare.py` (GenBuster-200K-mini, GPU) first")
-    return Setup(**json.loads(f.read_text()))
+    here = str(home().resolve())
+    return Setup(**{k: here + v[len(HOME_MARK):] if v.startswith(HOME_MARK) else v
+                    for k, v in json.loads(f.read_text()).items()})
