@@ -68,3 +68,14 @@ def test_extraction_refuses_paths_outside_the_target(tmp_path):
     with pytest.raises(UserError, match="unsafe"):
         dataset.extract(evil, tmp_path / "out")
     assert not (tmp_path / "escaped.txt").exists() or (tmp_path / "escaped.txt").read_text() == "x"
+
+
+def test_a_moved_home_still_finds_its_data(tmp_path, monkeypatch):
+    """active.json stores paths inside $AUTOBUSTER_HOME relative to it, hub ids and outside paths as they are."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    monkeypatch.setenv("AUTOBUSTER_HOME", str(old))
+    profiles.save_active(profiles.Setup("tiny", str(old / "tiny"), "/data/videos", "Qwen/Qwen2.5-VL-7B-Instruct"))
+    old.rename(new)
+    monkeypatch.setenv("AUTOBUSTER_HOME", str(new))
+    s = profiles.active()
+    assert (s.root, s.source, s.model) == (str(new.resolve() / "tiny"), "/data/videos", "Qwen/Qwen2.5-VL-7B-Instruct")

@@ -21,6 +21,7 @@ def test_evaluate_py_on_val(tiny_home, tmp_path):
     assert float(f1_line[0].split()[1]) == pytest.approx(m["f1"], abs=1e-6)
     preds = [json.loads(line) for line in open(tmp_path / "predictions.jsonl")]
     assert len(preds) == 40 and {"id", "label", "generator", "prediction", "p_fake", "response"} <= set(preds[0])
+    assert sum(p["label"] == "fake" for p in preds) == 20  # --limit takes both labels in turn
     assert (tmp_path / "confusion.png").stat().st_size > 0
     assert m["unclear_rate"] <= 0.05  # the warm start writes the format
     assert all(0 <= p["p_fake"] <= 1 for p in preds)

@@ -67,8 +67,10 @@ def test_worse_variant_is_discarded_and_reset(ws):
     repo = git.Repo(ws)
     kept = repo.head.commit.hexsha
     edit(ws / "train_dapo.py", *BROKEN)
-    out = cli(ws, "run", "broken lora", "--budget", "0").stdout.strip().splitlines()[-1]
-    assert out.startswith("discard")
+    lines = cli(ws, "run", "broken lora", "--budget", "0").stdout.strip().splitlines()
+    out = lines[-1]
+    assert out.startswith("discard") and "steps=0 " in out
+    assert lines[-2].startswith("warning: 0 steps against")  # a budget of 0 makes no step: said, above the result
     assert repo.head.commit.hexsha == kept and "100000" not in (ws / "train_dapo.py").read_text()
     run = sorted((ws / "runs").glob("0002-*"))[0]
     assert "LORA_ALPHA = 100000" in (run / "patch.diff").read_text()

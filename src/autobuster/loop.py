@@ -346,12 +346,12 @@ def run(description: str, budget: int | None = None, long: bool = False, gpus: s
     if crash:
         print(f"crash  {crash}  log={run_dir / 'run.log'}")
         return record
+    if best and best.get("steps") and steps < SLOW * best["steps"]:  # before the result: that line stays last
+        print(f"warning: {steps} steps against {best['steps']} in the best run: the budget is wall-clock seconds, "
+              "so a slower step (or another job on this machine) means fewer steps")
     best_f1 = f"{best['f1']:.4f}" if best else "none, this is the baseline"
     print(f"{status:<7} f1={m['f1']:.4f} (best {best_f1}, p_better {p_better:.2f})  steps={steps}  "
           f"mem={memory:.1f}GB  {mins}m{secs:02d}s  run={run_dir}")
-    if best and best.get("steps") and steps < SLOW * best["steps"]:
-        print(f"warning: {steps} steps against {best['steps']} in the best run: the budget is wall-clock seconds, "
-              "so a slower step (or another job on this machine) means fewer steps")
     return record
 
 
