@@ -68,7 +68,8 @@ STAGE3 = False  # DAPO again, each prompt in a random mode, plus the hybrid and 
 STAGE1_SHARE = 0.5  # share of the budget for stage 1 when stage 2 or 3 is on; stage 3 runs to the end
 FUSION_CLIPS = 256 if TINY else 300  # train clips sampled (G replies each) for stage 2's correct replies
 FUSION_BATCH = 8  # pairs per stage-2 optimizer step (one epoch over all pairs)
-FUSION_LR = 1e-3 if TINY else LEARNING_RATE  # stage 2's learning rate; the tiny model needs ~60 steps at 1e-3
+FUSION_LR = 1e-3 if TINY else LEARNING_RATE  # stage 2's learning rate (the tiny LoRA learns /no_think in ~60 steps)
+FUSION_CHECK = 32  # train clips answered greedily under /no_think after stage 2 (logged: no_think_obeyed)
 # The thinking reward's reward model: a Qwen2.5-VL directory (the paper: SophiaVL-R1-Thinking-Reward-Model-3B);
 # "" turns the thinking reward off.
 THINKING_SCORER = ""
@@ -275,7 +276,10 @@ def fusion_pairs(replies: list[str], label: str) -> list[tuple[str, str]]:
 
 def fuse(model, processor, clips) -> dict:
     """Stage 2: collect right replies of the current policy on FUSION_CLIPS clips, then one epoch of plain
-    cross-entropy on their /think and /no_think pairs (its own optimizer: the DAPO one keeps its state)."""
+    cross-entropy on their /think and /no_think pairs (its own optimizer: the DAPO one keeps its state). Only the
+    LoRA weights learn the switch: a trained tiny vision tower stays as stage 1 left it (SFT there unlearnt seeing).
+    Ends with the shares of greedy /no_think replies on FUSION_CHECK train clips that skip the think block and that
+    are exactly an answer block."""
     cap, tok = SETUP.settings.pixel_cap, processor.tokenizer
     model.eval()
     pairs = []
@@ -287,7 +291,7 @@ def fuse(model, processor, clips) -> dict:
             replies = done.texts[i * GROUP_SIZE:(i + 1) * GROUP_SIZE]
             pairs += [(frames, mode, target) for mode, target in fusion_pairs(replies, row["label"])]
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for n, p in model.named_parameters() if p.requires_grad and ".visual." not in n]
     opt = torch.optim.AdamW(params, lr=FUSION_LR, weight_decay=0.0)
     device, losses = next(model.parameters()).device, []
     for batch in torch.randperm(len(pairs)).split(FUSION_BATCH):
@@ -302,7 +306,15 @@ def fuse(model, processor, clips) -> dict:
         opt.step()
         losses.append(loss.item())
     losses = losses or [0.0]  # no right reply at all: nothing to fine-tune on
-    return dict(stage=2, pairs=len(pairs), loss_first=losses[0], loss_last=losses[-1])
+    model.eval()
+    drawn = clips.batch(FUSION_CHECK)
+    done = engine.generate(model, processor, encode(processor, [f for _, f in drawn], cap,
+                                                    [chat_text(processor, "no_think")] * len(drawn)),
+                           greedy=True, max_new_tokens=MAX_NEW_TOKENS)
+    model.train()
+    return dict(stage=2, pairs=len(pairs), loss_first=losses[0], loss_last=losses[-1],
+                no_think_obeyed=sum(not thinks(t) for t in done.texts) / len(drawn),
+                no_think_well_formed=sum(is_well_formed(t, "no_think") for t in done.texts) / len(drawn))
 
 
 # ---------------------------------------------------------------- main
@@ -355,7 +367,8 @@ def main():
             trained += dt
             log.write(json.dumps(rec | dict(elapsed=round(trained, 2), step_seconds=dt)) + "\n")
             print(f"stage 2 | {trained:6.1f}s | {rec['pairs']} pairs | loss {rec['loss_first']:.4f} -> "
-                  f"{rec['loss_last']:.4f} | {dt:.2f}s", flush=True)
+                  f"{rec['loss_last']:.4f} | no_think obeyed {rec['no_think_obeyed']:.3f} "
+                  f"well-formed {rec['no_think_well_formed']:.3f} | {dt:.2f}s", flush=True)
             continue
         stage = 3 if STAGE3 and trained >= stage1_end else 1
         for group in opt.param_groups:

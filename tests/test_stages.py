@@ -92,7 +92,7 @@ def test_tiny_run_with_stages_2_and_3(tiny_home, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert sum("thinking reward off" in line for line in r.stdout.splitlines()) == 1
     records = [json.loads(line) for line in open(tmp_path / "run" / "train.jsonl")]
-    assert records[0]["stage"] == 2 and records[0]["pairs"] > 0
+    assert records[0]["stage"] == 2 and records[0]["pairs"] > 0 and 0 <= records[0]["no_think_obeyed"] <= 1
     assert len(records) > 1 and all(rec["stage"] == 3 for rec in records[1:])
     summary = dict(line.split(":", 1) for line in r.stdout.split("\n---\n")[-1].splitlines() if ":" in line)
     for key in ("f1", "f1_no_think", "no_think_think_rate", "training_seconds", "num_steps"):
