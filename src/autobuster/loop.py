@@ -414,6 +414,8 @@ def plot_progress(rows: pd.DataFrame, path: Path) -> None:
     colours = {"keep": "tab:green", "discard": "tab:gray", "crash": "tab:red", "long": "tab:blue"}
     for s, c in colours.items():
         sel = [i for i, v in zip(x, rows.status) if v == s]
+        if not sel:
+            continue
         ax.scatter(sel, rows.f1[rows.status == s], c=c, label=s, zorder=3)
     best, running = 0.0, []
     for f1, s in zip(rows.f1, rows.status):
@@ -426,7 +428,8 @@ def plot_progress(rows: pd.DataFrame, path: Path) -> None:
     ax.set_xlabel("experiment")
     ax.set_ylabel("val F1")
     ax.set_ylim(-0.02, 1.05)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(0.5, len(rows) + 1)  # room for the last label
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: it hides no point
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
