@@ -97,7 +97,12 @@ def test_one_step_on_two_ranks_equals_one_process(results, split, vision):
         assert r["norm"] == pytest.approx(single["norm"], rel=1e-5)
         for name, w in single["after"].items():
             assert torch.equal(r["before"][name], single["before"][name]), name  # rank 0's init everywhere
-            assert torch.allclose(r["after"][name], w, rtol=1e-5, atol=1e-7), name
+            # the steps agree up to fp32 rounding: of the gradient sums' order (measured: 1.6e-6 of the largest
+            # step) and of the weights they are added to; a wrong normaliser or a missing all-reduce changes
+            # them by tens of percent
+            step, ref = r["after"][name] - r["before"][name], w - single["before"][name]
+            tol = 1e-4 * ref.abs().max().item() + 1e-6 * w.abs().max().item()
+            assert torch.allclose(step, ref, rtol=1e-4, atol=tol), name
 
 
 def test_the_normaliser_is_the_global_token_count(results):
