@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 3 open: the default tiny run reached val F1 0.909 and 0.874 in two runs (the "
-                          "previous lrs with the same warm-down: 0.894, 0.863, 0.848, 0.849); the val F1 of 160 clips "
-                          "alone has a standard error of ~0.027, so 0.85 is not yet a safe margin", strict=False)
+@pytest.mark.xfail(reason="issue 3 open: with the warm-down the default tiny run reached val F1 0.894, 0.863, "
+                          "0.848, 0.849 (2x the lrs: 0.909, 0.874, but a 20 s run collapsed to F1 0); the val F1 of "
+                          "160 clips alone has a standard error of ~0.027, so 0.85 is not yet a safe margin", strict=False)
 def test_dapo_raises_val_f1_to_085(tiny_home, tmp_path):
     env = {**os.environ, "AUTOBUSTER_RUN_DIR": str(tmp_path / "run")}
     r = subprocess.run([sys.executable, "train_dapo.py"], cwd=ROOT, capture_output=True, text=True, env=env)
