@@ -226,13 +226,6 @@ def processes(gpus: str | None, ws: Workspace) -> int:
     return int(value)
 
 
-def _limit(budget: int | None) -> tuple[int, int]:
-    """(training budget, hard timeout) of a run, in seconds."""
-    setup = active()
-    budget = setup.time_budget if budget is None else budget
-    return budget, budget + ALLOWANCE.get(setup.profile, 3600)
-
-
 def _summary(text: str) -> dict[str, float]:
     """The numbers of train_dapo.py's summary block (the `key: value` lines after `---`)."""
     block = text.rsplit("\n---\n", 1)[1] if "\n---\n" in text else ""
@@ -246,13 +239,13 @@ def _summary(text: str) -> dict[str, float]:
     return out
 
 
-def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None, gpus: int) -> tuple[str | None, dict]:
-    """Run train_dapo.py (under torchrun for several GPUs) in its own process group with a hard timeout;
+def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None, gpus: int, limit: int
+           ) -> tuple[str | None, dict]:
+    """Run train_dapo.py (under torchrun for several GPUs) in its own process group, killed after `limit` seconds;
     (crash reason or None, its summary block)."""
     env = ws.env(AUTOBUSTER_RUN_DIR=str(run_dir), PYTHONUNBUFFERED="1")
     if budget is not None:
         env["AUTOBUSTER_TIME_BUDGET"] = str(budget)
-    limit = _limit(budget)[1]
     with open(run_dir / "run.log", "w") as log:
         launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
                                      if gpus > 1 else [])
@@ -314,12 +307,13 @@ def run(description: str, budget: int | None = None, long: bool = False, gpus: s
     lock = dict(run_id=run_id, commit=commit, kept=kept if not long else commit, description=description,
                 pid=os.getpid(), started=time.time())
     ws.lock.write_text(json.dumps(lock))
-    seconds, limit = _limit(budget)
     setup = active()
+    seconds = setup.time_budget if budget is None else budget
+    limit = seconds + ALLOWANCE.get(setup.profile, 3600)
     print(f"run {run_id}: profile {setup.profile} (AUTOBUSTER_HOME={home()}), "
           f"{seconds}s of training (wall clock) plus loading and evaluation, killed after {limit // 60} min; "
           f"log {run_dir / 'run.log'}", flush=True)
-    crash, summary = _train(ws, run_dir, lock, budget, n_gpus)
+    crash, summary = _train(ws, run_dir, lock, budget, n_gpus, limit)
     memory, steps = summary.get("peak_memory_gb", 0.0), int(summary.get("num_steps", 0))
     if not crash and summary.get("training_seconds", 0) > OVERRUN * seconds + 60:
         crash = (f"trained {summary['training_seconds']:.0f}s, beyond the {seconds}s budget: TIME_BUDGET is fixed, "
