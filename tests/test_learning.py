@@ -13,16 +13,19 @@ from autobuster.demo import edit
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The warm start scores val F1 ~0.41. Default runs on 2 cores ended at 0.85-0.92 with 750-880 steps (0.78 with 560
+# steps on a loaded machine); val tracks train within ~0.03 all along, so the spread is the policy still moving, not
+# overfitting (issue 3's note).
+FLOOR = 0.75  # below this the loop did not learn from the video: a failure
+TARGET = 0.85  # issue 3's target; not yet reached reliably, so a miss is reported as xfail, not hidden
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 3 open: with the warm-down the default tiny run reached val F1 0.894, 0.863, "
-                          "0.848, 0.849 (2x the lrs: 0.909, 0.874, but a 20 s run collapsed to F1 0); the val F1 of "
-                          "160 clips alone has a standard error of ~0.027, so 0.85 is not yet a safe margin", strict=False)
-def test_dapo_raises_val_f1_to_085(tiny_home, tmp_path):
+def test_dapo_raises_val_f1(tiny_home, tmp_path):
     env = {**os.environ, "AUTOBUSTER_RUN_DIR": str(tmp_path / "run")}
     r = subprocess.run([sys.executable, "train_dapo.py"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = dict(line.split(":", 1) for line in r.stdout.split("\n---\n")[-1].splitlines() if ":" in line)
-    assert float(summary["f1"]) >= 0.85, r.stdout[-3000:]
     assert float(summary["training_seconds"]) <= 330
     steps = [json.loads(line) for line in open(tmp_path / "run" / "train.jsonl")]
     quarter = len(steps) // 4
@@ -30,6 +33,10 @@ def test_dapo_raises_val_f1_to_085(tiny_home, tmp_path):
     last = sum(s["accuracy"] for s in steps[-quarter:]) / quarter
     assert last > first + 0.1  # rollout accuracy rises
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+    f1 = float(summary["f1"])
+    assert f1 >= FLOOR, r.stdout[-3000:]
+    if f1 < TARGET:
+        pytest.xfail(f"issue 3 open: val F1 {f1:.3f} is above the floor {FLOOR} but below the target {TARGET}")
 
 
 def test_qlora_switch_runs_on_the_tiny_model(tiny_home, tmp_path):
