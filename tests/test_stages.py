@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from autobuster.demo import edit
+from autobuster.loop import parse_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 THINK_A = "<think>the colours flicker</think><answer>A</answer>"
@@ -94,8 +95,8 @@ def test_tiny_run_with_stages_2_and_3(tiny_home, tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "run" / "train.jsonl")]
     assert records[0]["stage"] == 2 and records[0]["pairs"] > 0 and 0 <= records[0]["no_think_obeyed"] <= 1
     assert len(records) > 1 and all(rec["stage"] == 3 for rec in records[1:])
-    summary = dict(line.split(":", 1) for line in r.stdout.split("\n---\n")[-1].splitlines() if ":" in line)
+    summary = parse_summary(r.stdout)
     for key in ("f1", "f1_no_think", "no_think_think_rate", "training_seconds", "num_steps"):
         assert key in summary, key
-    assert 0.0 <= float(summary["no_think_think_rate"]) <= 1.0
+    assert 0.0 <= summary["no_think_think_rate"] <= 1.0
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()

@@ -226,7 +226,7 @@ def processes(gpus: str | None, ws: Workspace) -> int:
     return int(value)
 
 
-def _summary(text: str) -> dict[str, float]:
+def parse_summary(text: str) -> dict[str, float]:
     """The numbers of train_dapo.py's summary block (the `key: value` lines after `---`)."""
     block = text.rsplit("\n---\n", 1)[1] if "\n---\n" in text else ""
     pairs = [line.split(":", 1) for line in block.splitlines() if ":" in line]
@@ -260,7 +260,7 @@ def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None, gpus: i
             proc.wait()
             return f"timeout after {limit}s", {}
     text = (run_dir / "run.log").read_text(errors="replace")
-    summary = _summary(text)
+    summary = parse_summary(text)
     lines = [line for line in text.splitlines() if line.strip()]
     if "ChildFailedError" in text:  # torchrun's traceback and report end the log; the reason is the failed rank's
         torchrun = max(i for i, line in enumerate(lines) if line.startswith("Traceback"))
