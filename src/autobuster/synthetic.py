@@ -5,7 +5,10 @@ Real clips are smooth scenes (a drifting gradient, a slow texture, moving ellips
 fake "generator" leaves its own artefact on the same kind of scene. Train and test share the four seen styles;
 the benchmark uses three unseen ones, so generalisation to unseen generators is measurable offline.
 """
+import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import av
@@ -64,9 +67,11 @@ def apply_style(frames: np.ndarray, style: str, rng: np.random.Generator) -> np.
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int, hevc10: bool) -> None:
-    """Encode uint8 RGB frames: H.264 8-bit, or HEVC 10-bit (yuv420p10le) like GenBuster's clips."""
+    """Encode uint8 RGB frames: H.264 8-bit, or HEVC 10-bit (yuv420p10le) like GenBuster's clips. Written under
+    a temporary name and renamed, so a worker killed mid-clip leaves no truncated .mp4 that a rerun would keep."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as c:
+    part = path.with_name(path.name + ".part")
+    with av.open(str(part), "w", format="mp4") as c:
         if hevc10:
             s = c.add_stream("libx265", rate=fps, options={"crf": "16", "x265-params": "log-level=error"})
             s.pix_fmt = "yuv420p10le"
@@ -77,6 +82,7 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, hevc10: bool) -> None:
         for f in frames:
             c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         c.mux(s.encode())
+    os.replace(part, path)
 
 
 def make_clip(job: tuple) -> None:
@@ -99,10 +105,19 @@ def build(root: Path, workers: int = 2) -> None:
             for i in range(n):
                 seed += 1
                 jobs.append((str(folder / f"{style}_{i:04d}.mp4"), style, seed))
-    todo = [j for j in jobs if not Path(j[0]).exists()]
-    if todo:
-        with ProcessPoolExecutor(workers) as pool:
-            list(tqdm(pool.map(make_clip, todo, chunksize=8), total=len(todo), desc="synthetic clips"))
+    # Spawned, not forked, workers: a fork of a process that has started torch's threads (pytest's, after
+    # collection) can die at random. Should a worker die anyway, the clips still missing get a fresh pool.
+    for attempt in range(3):
+        todo = [j for j in jobs if not Path(j[0]).exists()]
+        if not todo:
+            break
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                list(tqdm(pool.map(make_clip, todo, chunksize=8), total=len(todo), desc="synthetic clips"))
+        except BrokenProcessPool:
+            print(f"a clip worker died (attempt {attempt + 1}); starting a fresh pool for the clips left")
+    if any(not Path(j[0]).exists() for j in jobs):
+        raise RuntimeError("synthetic clip workers kept dying; run prepare again to resume")
     broken = root / "train" / "real"
     (broken / "broken_empty.mp4").write_bytes(b"")
     good = (broken / "real_0000.mp4").read_bytes()
