@@ -1,9 +1,12 @@
 """Frame sampling, decoding (HEVC 10-bit included) and smart resize, against independent references."""
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
-from autobuster.synthetic import write_mp4
+from autobuster.synthetic import build, write_mp4
 from autobuster.video import decode_clip, sample_indices, smart_resize
 
 
@@ -40,3 +43,18 @@ def test_smart_resize_matches_transformers(h, w, cap):
 def test_frames_are_resized_to_the_cap(tmp_path):
     numbered_clip(tmp_path / "c.mp4", 24, 100)
     assert decode_clip(tmp_path / "c.mp4", 56 * 56).shape == (16, 56, 56, 3)
+
+
+def test_synthetic_build_remakes_only_missing_clips(tiny_home, tmp_path):
+    """A clip lost mid-build (its worker killed: only a .part file left) is remade, identical, on the next build;
+    the clips already there are not touched."""
+    videos = tmp_path / "videos"
+    shutil.copytree(Path(tiny_home) / "tiny" / "videos", videos)
+    lost = videos / "train" / "fake" / "stutter" / "stutter_0003.mp4"
+    original = decode_clip(lost, 112 * 112)
+    lost.rename(lost.with_name(lost.name + ".part"))
+    kept = {p: p.stat().st_mtime_ns for p in videos.rglob("*.mp4") if p.name.startswith(("real_", "tint_"))}
+    build(videos)
+    assert np.array_equal(decode_clip(lost, 112 * 112), original)  # same seed, same frames (headers hold a time)
+    assert not list(videos.rglob("*.part"))
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
