@@ -55,6 +55,7 @@ def test_synthetic_build_remakes_only_missing_clips(tiny_home, tmp_path):
     lost.rename(lost.with_name(lost.name + ".part"))
     kept = {p: p.stat().st_mtime_ns for p in videos.rglob("*.mp4") if p.name.startswith(("real_", "tint_"))}
     build(videos)
-    assert np.array_equal(decode_clip(lost, 112 * 112), original)  # same seed, same frames (headers hold a time)
+    # same seed, same frames, up to the encoder's rounding (its threads make the bits vary from run to run)
+    assert np.abs(decode_clip(lost, 112 * 112).astype(int) - original).mean() < 2
     assert not list(videos.rglob("*.part"))
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
