@@ -46,8 +46,8 @@ def test_frames_are_resized_to_the_cap(tmp_path):
 
 
 def test_synthetic_build_remakes_only_missing_clips(tiny_home, tmp_path):
-    """A clip lost mid-build (its worker killed: only a .part file left) is remade, identical, on the next build;
-    the clips already there are not touched."""
+    """A clip lost mid-build (its worker killed: only a .part file left) is remade on the next build with the same
+    frames; the clips already there are not touched."""
     videos = tmp_path / "videos"
     shutil.copytree(Path(tiny_home) / "tiny" / "videos", videos)
     lost = videos / "train" / "fake" / "stutter" / "stutter_0003.mp4"

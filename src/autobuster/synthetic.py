@@ -107,17 +107,17 @@ def build(root: Path, workers: int = 2) -> None:
                 jobs.append((str(folder / f"{style}_{i:04d}.mp4"), style, seed))
     # Spawned, not forked, workers: a fork of a process that has started torch's threads (pytest's, after
     # collection) can die at random. Should a worker die anyway, the clips still missing get a fresh pool.
-    for attempt in range(3):
+    for attempt in range(4):
         todo = [j for j in jobs if not Path(j[0]).exists()]
         if not todo:
             break
+        if attempt == 3:
+            raise RuntimeError("synthetic clip workers kept dying; run prepare again to resume")
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
                 list(tqdm(pool.map(make_clip, todo, chunksize=8), total=len(todo), desc="synthetic clips"))
         except BrokenProcessPool:
             print(f"a clip worker died (attempt {attempt + 1}); starting a fresh pool for the clips left")
-    if any(not Path(j[0]).exists() for j in jobs):
-        raise RuntimeError("synthetic clip workers kept dying; run prepare again to resume")
     broken = root / "train" / "real"
     (broken / "broken_empty.mp4").write_bytes(b"")
     good = (broken / "real_0000.mp4").read_bytes()
