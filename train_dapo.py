@@ -14,6 +14,7 @@ import re
 import resource
 import sys
 import time
+from itertools import zip_longest
 from pathlib import Path
 
 import torch
@@ -45,6 +46,8 @@ VISION_LEARNING_RATE = 2e-3  # the trained tiny tower learns to see 4x faster th
 WARMUP = 0.05  # share of the time budget with a linear learning-rate warm-up
 WARMDOWN = 0.5  # share of the budget at the end with a linear decay to FINAL_LR_FRACTION (steadies the last steps)
 FINAL_LR_FRACTION = 0.1
+AVERAGE_FROM = 0.6  # share of the budget after which the weights are averaged step by step; the mean is the
+# model saved and scored (on the tiny profile val F1 still swings by +-0.1 between late steps: the mean does not)
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
 GROUP_SIZE = 8  # G completions per prompt
@@ -157,10 +160,13 @@ def dapo_loss(logp, old_logp, adv, mask, n_tokens):
 def rollout(model, processor, clips, stats, mixed=False, scorer=None):
     """Groups for one step: sample G replies per clip, score them, keep groups with mixed correctness. `mixed`
     (stage 3): each clip's prompt in a random mode, with the hybrid and thinking rewards."""
-    groups, draws = [], 0
-    while len(groups) < PROMPTS_PER_STEP and draws < MAX_DRAWS:
-        need = PROMPTS_PER_STEP - len(groups)
-        drawn = clips.batch(need + need % 2)  # balanced: half real, half fake
+    # Balanced after filtering, not only when drawn: a solved label's groups are all right and dropped, and a
+    # batch of the other label alone pushes the answer prior towards it until the weakest style flips.
+    quota = {"real": PROMPTS_PER_STEP // 2, "fake": PROMPTS_PER_STEP - PROMPTS_PER_STEP // 2}
+    kept, draws = {label: [] for label in quota}, 0
+    short = lambda: {label: n - len(kept[label]) for label, n in quota.items()}  # noqa: E731
+    while sum(short().values()) and draws < MAX_DRAWS:
+        drawn = [clip for label, n in short().items() for clip in clips.batch(n, label)]
         draws += 1
         modes = [MODES[torch.randint(len(MODES), ()).item()] if mixed else None for _ in drawn]
         t0 = time.time()
@@ -182,9 +188,11 @@ def rollout(model, processor, clips, stats, mixed=False, scorer=None):
                            for r, t, c in zip(rewards, texts, correct)]
             stats["seen"].append(dict(correct=correct, well_formed=well_formed, rewards=rewards, lengths=lengths,
                                       truncated=done.truncated[rows].tolist()))
-            if (keep_group(correct) or not DYNAMIC_SAMPLING) and len(groups) < PROMPTS_PER_STEP:
-                groups.append(dict(frames=frames, mode=mode, ids=done.ids[rows], mask=done.mask[rows],
-                                   rewards=rewards, well_formed=well_formed))
+            if (keep_group(correct) or not DYNAMIC_SAMPLING) and len(kept[row["label"]]) < quota[row["label"]]:
+                kept[row["label"]].append(dict(label=row["label"], frames=frames, mode=mode, ids=done.ids[rows],
+                                               mask=done.mask[rows], rewards=rewards, well_formed=well_formed))
+    # real and fake in turn: each of the UPDATES_PER_BATCH optimizer steps (consecutive groups) is balanced too
+    groups = [g for pair in zip_longest(*kept.values()) for g in pair if g]
     stats["draws"] = draws
     if len(groups) < PROMPTS_PER_STEP:
         print(f"warning: dynamic sampling gave up after {draws} draws with {len(groups)}/{PROMPTS_PER_STEP} groups")
@@ -359,6 +367,7 @@ def main():
     scorer = RewardModelScorer(THINKING_SCORER) if STAGE3 and THINKING_SCORER else None
     if STAGE3 and scorer is None:
         print("thinking reward off: THINKING_SCORER names no reward model")
+    average, averaged = [p.detach().clone() for p in trainable], 0  # the tail average (AVERAGE_FROM)
     while trained < TIME_BUDGET:
         t0 = time.time()
         if not fused and trained >= stage1_end:
@@ -389,7 +398,8 @@ def main():
         rec = dict(step=step, elapsed=round(trained, 2), reward_mean=rewards.mean().item(),
                    reward_std=rewards.std().item(), accuracy=sum(flat("correct")) / len(rewards),
                    format_rate=sum(flat("well_formed")) / len(rewards),
-                   filtered=1 - len(groups) / len(seen), groups=len(groups), draws=stats["draws"],
+                   filtered=1 - len(groups) / len(seen), groups=len(groups),
+                   real_groups=sum(g["label"] == "real" for g in groups), draws=stats["draws"],
                    len_mean=lengths.mean().item(), len_max=int(lengths.max()),
                    truncated=sum(flat("truncated")) / len(rewards), loss=loss, clip_low=clip_low,
                    clip_high=clip_high, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"],
@@ -402,6 +412,15 @@ def main():
               f"fmt {rec['format_rate']:.3f} | groups {len(groups)}/{len(seen)} | len {rec['len_mean']:.0f} | "
               f"loss {loss:+.5f} | gnorm {grad_norm:.3f} | {dt:.2f}s", flush=True)
         step += 1
+        if fused and trained >= AVERAGE_FROM * TIME_BUDGET:  # after stage 2, whose weights differ in kind
+            averaged += 1
+            with torch.no_grad():
+                for a, p in zip(average, trainable):
+                    a.lerp_(p, 1 / averaged)  # running mean
+    if averaged:
+        with torch.no_grad():
+            for a, p in zip(average, trainable):
+                p.copy_(a)
     clips.close()
     rollouts = int(distributed.all_sum(rollouts))  # the summary counts every rank's rollouts
     stats["rollout_tokens"] = int(distributed.all_sum(stats["rollout_tokens"]))
@@ -418,7 +437,7 @@ def main():
     summary = dict(f1=m["f1"], accuracy=m["accuracy"], precision=m["precision"], recall=m["recall"], mcc=m["mcc"],
                    auc=m["auc"] if m["auc"] is not None else float("nan"), unclear_rate=m["unclear_rate"],
                    peak_memory_gb=peak, training_seconds=trained, total_seconds=time.time() - t_start,
-                   num_steps=step, num_rollouts=rollouts,
+                   num_steps=step, averaged_steps=averaged, num_rollouts=rollouts,
                    rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9))
     if both:  # the model was taught both modes: report the /no_think one too
         summary.update(f1_no_think=both["f1"], no_think_think_rate=both["think_rate"])

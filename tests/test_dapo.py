@@ -103,3 +103,60 @@ def test_dynamic_sampling_keeps_mixed_groups_only(td):
     assert not td.keep_group([1.0] * 8)
     assert not td.keep_group([0.0] * 8)
     assert math.isclose(td.group_advantages(torch.tensor([[0.5, 0.5]]))[0, 0].item(), 0.0)
+
+
+class ScriptedClips:
+    """Train clips whose frames are just their label; records every label drawn."""
+
+    def __init__(self):
+        self.drawn = []
+
+    def batch(self, n, label=None):
+        labels = [label or ("real", "fake")[i % 2] for i in range(n)]
+        self.drawn += labels
+        return [(dict(label=lab), lab) for lab in labels]
+
+
+def scripted_policy(td, monkeypatch, fake_mixed_from_call):
+    """engine.generate stand-in: real clips get half right, half wrong replies (a mixed group); fake clips all
+    right (a solved group) until call number `fake_mixed_from_call`, mixed from then on."""
+    calls = []
+
+    def generate(model, processor, prompts, num_samples, **kw):
+        calls.append(prompts)
+        texts = []
+        for label in prompts:
+            right, wrong = ("A", "B") if label == "real" else ("B", "A")
+            mixed = label == "real" or len(calls) >= fake_mixed_from_call
+            texts += [f"<think>x</think><answer>{wrong if mixed and j % 2 else right}</answer>"
+                      for j in range(num_samples)]
+        rows = len(texts)
+        return td.engine.Completions(torch.ones(rows, 3, dtype=torch.long), torch.ones(rows, 3),
+                                     torch.full((rows,), 3), torch.zeros(rows, dtype=torch.bool), texts)
+
+    monkeypatch.setattr(td.engine, "generate", generate)
+    monkeypatch.setattr(td, "encode", lambda processor, frames, cap, texts: list(frames))
+    monkeypatch.setattr(td, "chat_text", lambda processor, mode=None: "")
+
+
+def test_dynamic_sampling_balances_the_kept_groups_by_label(td, monkeypatch):
+    """Solved fake groups are dropped and more fakes drawn (reals no longer), so the batch stays half real."""
+    scripted_policy(td, monkeypatch, fake_mixed_from_call=2)
+    clips, stats = ScriptedClips(), {"rollout_seconds": 0.0, "rollout_tokens": 0, "seen": []}
+    groups = td.rollout(None, None, clips, stats)
+    half = td.PROMPTS_PER_STEP // 2
+    assert clips.drawn == ["real"] * half + ["fake"] * half * 2 and stats["draws"] == 2
+    assert [g["label"] for g in groups] == ["real", "fake"] * half  # in turn: every optimizer step is balanced
+
+
+def test_dynamic_sampling_gives_up_after_max_draws(td, monkeypatch, capsys):
+    """Fakes never mixed: the step goes on with the real half alone after MAX_DRAWS draws, and says so."""
+    scripted_policy(td, monkeypatch, fake_mixed_from_call=10 ** 9)
+    clips, stats = ScriptedClips(), {"rollout_seconds": 0.0, "rollout_tokens": 0, "seen": []}
+    groups = td.rollout(None, None, clips, stats)
+    half = td.PROMPTS_PER_STEP // 2
+    assert stats["draws"] == td.MAX_DRAWS
+    assert clips.drawn == ["real"] * half + ["fake"] * half * td.MAX_DRAWS  # no more reals once they are kept
+    assert [g["label"] for g in groups] == ["real"] * half
+    assert len(stats["seen"]) == 2 * half + (td.MAX_DRAWS - 1) * half  # every sampled group is counted
+    assert f"gave up after {td.MAX_DRAWS} draws with {half}/{td.PROMPTS_PER_STEP} groups" in capsys.readouterr().out

@@ -327,9 +327,9 @@ class TrainClips:
             except BadVideo:
                 self.skipped += 1
 
-    def batch(self, n: int) -> list[tuple[dict, np.ndarray]]:
-        """n clips, alternating real and fake (n even gives exactly half of each)."""
-        return [self._take(("real", "fake")[i % 2]) for i in range(n)]
+    def batch(self, n: int, label: str | None = None) -> list[tuple[dict, np.ndarray]]:
+        """n clips of `label`, or alternating real and fake (n even gives exactly half of each)."""
+        return [self._take(label or ("real", "fake")[i % 2]) for i in range(n)]
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
