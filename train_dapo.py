@@ -154,6 +154,27 @@ def dapo_loss(logp, old_logp, adv, mask, n_tokens):
     return loss, clip_low, clip_high
 
 
+class RunningMean:
+    """The mean of `params` over the steps `add` is called at, in fp32 (bf16 LoRA weights would round it away)."""
+
+    def __init__(self, params):
+        self.params, self.count = params, 0
+        self.mean = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def add(self):
+        self.count += 1
+        for m, p in zip(self.mean, self.params):
+            m.lerp_(p.float(), 1 / self.count)
+
+    @torch.no_grad()
+    def load(self):
+        """Put the mean into the parameters (nothing to put before the first `add`)."""
+        for m, p in zip(self.mean, self.params):
+            if self.count:
+                p.copy_(m)
+
+
 # ---------------------------------------------------------------- rollouts
 
 
@@ -367,7 +388,7 @@ def main():
     scorer = RewardModelScorer(THINKING_SCORER) if STAGE3 and THINKING_SCORER else None
     if STAGE3 and scorer is None:
         print("thinking reward off: THINKING_SCORER names no reward model")
-    average, averaged = [p.detach().clone() for p in trainable], 0  # the tail average (AVERAGE_FROM)
+    average = RunningMean(trainable)  # of the steps after AVERAGE_FROM
     while trained < TIME_BUDGET:
         t0 = time.time()
         if not fused and trained >= stage1_end:
@@ -413,14 +434,8 @@ def main():
               f"loss {loss:+.5f} | gnorm {grad_norm:.3f} | {dt:.2f}s", flush=True)
         step += 1
         if fused and trained >= AVERAGE_FROM * TIME_BUDGET:  # after stage 2, whose weights differ in kind
-            averaged += 1
-            with torch.no_grad():
-                for a, p in zip(average, trainable):
-                    a.lerp_(p, 1 / averaged)  # running mean
-    if averaged:
-        with torch.no_grad():
-            for a, p in zip(average, trainable):
-                p.copy_(a)
+            average.add()
+    average.load()
     clips.close()
     rollouts = int(distributed.all_sum(rollouts))  # the summary counts every rank's rollouts
     stats["rollout_tokens"] = int(distributed.all_sum(stats["rollout_tokens"]))
@@ -437,7 +452,7 @@ def main():
     summary = dict(f1=m["f1"], accuracy=m["accuracy"], precision=m["precision"], recall=m["recall"], mcc=m["mcc"],
                    auc=m["auc"] if m["auc"] is not None else float("nan"), unclear_rate=m["unclear_rate"],
                    peak_memory_gb=peak, training_seconds=trained, total_seconds=time.time() - t_start,
-                   num_steps=step, averaged_steps=averaged, num_rollouts=rollouts,
+                   num_steps=step, averaged_steps=average.count, num_rollouts=rollouts,
                    rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9))
     if both:  # the model was taught both modes: report the /no_think one too
         summary.update(f1_no_think=both["f1"], no_think_think_rate=both["think_rate"])

@@ -160,3 +160,23 @@ def test_dynamic_sampling_gives_up_after_max_draws(td, monkeypatch, capsys):
     assert [g["label"] for g in groups] == ["real"] * half
     assert len(stats["seen"]) == 2 * half + (td.MAX_DRAWS - 1) * half  # every sampled group is counted
     assert f"gave up after {td.MAX_DRAWS} draws with {half}/{td.PROMPTS_PER_STEP} groups" in capsys.readouterr().out
+
+
+def test_running_mean_is_the_mean_of_the_steps_added(td):
+    """The tail average: bf16 weights get the fp32 mean of the snapshots taken at `add`, rounded once."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16))
+    mean = td.RunningMean([p])
+    mean.load()  # nothing added yet: the weights stay
+    before = p.detach().clone()
+    assert torch.equal(p, before)
+    snapshots = []
+    for _ in range(300):
+        with torch.no_grad():
+            p.add_(torch.randn_like(p) * 0.01)
+        snapshots.append(p.detach().double())
+        mean.add()
+    mean.load()
+    assert mean.count == 300
+    # within bf16's rounding of the exact mean (a mean kept in bf16 drifts by several of its steps here)
+    torch.testing.assert_close(p.detach().double(), torch.stack(snapshots).mean(0), rtol=2 ** -8, atol=1e-6)
