@@ -170,9 +170,10 @@ class RunningMean:
     @torch.no_grad()
     def load(self):
         """Put the mean into the parameters (nothing to put before the first `add`)."""
+        if not self.count:
+            return
         for m, p in zip(self.mean, self.params):
-            if self.count:
-                p.copy_(m)
+            p.copy_(m)
 
 
 # ---------------------------------------------------------------- rollouts
