@@ -14,7 +14,7 @@ from autobuster.loop import parse_summary
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The warm start scores val F1 ~0.41. Default runs on 2 cores end at 0.80-0.95 (one CI run 0.62), so no F1 floor is
+# The warm start scores val F1 ~0.41. Default runs on 2 cores end at 0.79-0.95 (one CI run 0.62), so no F1 floor is
 # safe yet (issue 3). What decides a run is the stutter style: it ends at 0.2-0.7 accuracy on train and val alike
 # (under-learnt, not overfit), and the A/B decision of a whole style can flip between late steps; the other three
 # fake styles end at 0.8-1.0. Eight seeds on slower cores (BENCHMARKS.md) ended at 0.78-0.86.
