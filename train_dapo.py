@@ -61,7 +61,7 @@ UPDATES_PER_BATCH = 3 if TINY else 2  # optimizer steps per rollout batch; > 1 a
 DYNAMIC_SAMPLING = True  # drop groups whose samples are all right or all wrong, draw more prompts
 MAX_DRAWS = 4  # prompt draws per step before going on with fewer groups
 MALFORMED_IN_LOSS = False  # False: malformed or truncated replies score -1 but stay out of the loss
-MICRO_BATCH_TOKENS = 16384  # prompt + completion tokens per forward/backward (memory vs speed)
+MICRO_BATCH_TOKENS = 16384  # tokens per forward/backward, each prompt once plus its completions (memory vs speed)
 GRADIENT_CHECKPOINTING = not TINY
 SEED = 0
 RUN_DIR = Path(os.environ.get("AUTOBUSTER_RUN_DIR") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -254,11 +254,14 @@ def update(model, opt, processor, groups, stats):
     prompts = {k: v.to(device) for k, v in prompts.items()}
     ids, mask, adv = ids.to(device), mask.to(device), adv.to(device)
     rows = torch.arange(len(ids))
-    micro_rows = max(1, MICRO_BATCH_TOKENS // (prompts["input_ids"].shape[1] + ids.shape[1])) if groups else 1
     features = None
     if not TRAIN_VISION and groups:  # a frozen tower sees each video once per step, whatever the number of passes
         with torch.no_grad():
             features = engine.video_features(model, prompts)
+
+    def micro(part):
+        return engine.micro_batches(part, prompt_of_row, prompts["input_ids"].shape[1], ids.shape[1],
+                                    MICRO_BATCH_TOKENS) if groups else []
 
     def logprobs(part):
         return engine.token_logprobs(model, prompts, ids[part], TEMPERATURE, prompt_of_row=prompt_of_row[part],
@@ -267,13 +270,13 @@ def update(model, opt, processor, groups, stats):
     old = None
     if UPDATES_PER_BATCH > 1 and len(rows):  # the policy moves between updates: freeze the sampler's log-probs
         with torch.no_grad():
-            old = torch.cat([logprobs(p) for p in rows.split(micro_rows)])
+            old = torch.cat([logprobs(p) for p in micro(rows)])
     losses, clip_low, clip_high, norms = [], 0, 0, []
     for mini in rows.tensor_split(UPDATES_PER_BATCH):  # as many steps on every rank, even one without rows
         n_tokens = distributed.all_sum(mask[mini].sum()).clamp(min=1)  # the global DAPO normaliser
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
-        for part in filter(len, mini.split(micro_rows)):  # none on a rank without rows
+        for part in micro(mini):  # none on a rank without rows
             logp = logprobs(part)
             ref = logp.detach() if old is None else old[part]
             loss, lo, hi = dapo_loss(logp, ref, adv[part], mask[part], n_tokens)

@@ -42,24 +42,45 @@ def repeat(batch, n):
 
 
 def test_token_logprobs_match_a_full_forward(policy):
+    """Values and gradients against Hugging Face's forward over each prompt + completion row on its own; the two
+    prompts differ in length (left padding), and the engine packs each prompt's completions behind it."""
     m, p = policy
-    batch = model.encode(p, clips(2), 56 * 56)
+    batch = model.encode(p, clips(2), 56 * 56, [model.chat_text(p, "no_think"), model.chat_text(p)])
+    assert batch["attention_mask"].min() == 0  # the shorter prompt is padded
     done = engine.generate(m, p, batch, num_samples=3, max_new_tokens=12)
+    weight = torch.randn(done.ids.shape, generator=torch.Generator().manual_seed(0))
+    params = [m.model.visual.patch_embed.proj.weight, m.model.language_model.layers[0].self_attn.q_proj.weight,
+              m.model.language_model.layers[1].mlp.down_proj.weight]
     ours = engine.token_logprobs(m, batch, done.ids, prompt_of_row=torch.arange(2).repeat_interleave(3))
+    ours_grad = torch.autograd.grad((ours * weight).sum(), params)
     rows = repeat(batch, 3)
     full = torch.cat([rows["input_ids"], done.ids], 1)
     mask = torch.cat([rows["attention_mask"], torch.ones_like(done.ids)], 1)
-    with torch.no_grad():
-        logits = m(**{**rows, "input_ids": full, "attention_mask": mask,
-                      "mm_token_type_ids": torch.cat([rows["mm_token_type_ids"], torch.zeros_like(done.ids)], 1)
-                      }).logits
+    logits = m(**{**rows, "input_ids": full, "attention_mask": mask,
+                  "mm_token_type_ids": torch.cat([rows["mm_token_type_ids"], torch.zeros_like(done.ids)], 1)
+                  }).logits
     ref = logits[:, rows["input_ids"].shape[1] - 1:-1].float().log_softmax(-1)
     ref = ref.gather(-1, done.ids.unsqueeze(-1)).squeeze(-1)
+    ref_grad = torch.autograd.grad((ref * weight).sum(), params)
     assert torch.allclose(ours, ref, atol=1e-4)
+    for a, b in zip(ours_grad, ref_grad):
+        assert b.abs().max() > 0 and torch.allclose(a, b, atol=1e-4, rtol=1e-3)
     # a subset of rows (a micro-batch) gives the same values, whichever prompts it touches
-    part = torch.tensor([4, 5])
-    sub = engine.token_logprobs(m, batch, done.ids[part], prompt_of_row=torch.tensor([1, 1]))
-    assert torch.allclose(sub, ref[part], atol=1e-4)
+    part = torch.tensor([2, 4, 5])
+    with torch.no_grad():
+        sub = engine.token_logprobs(m, batch, done.ids[part], prompt_of_row=torch.tensor([0, 1, 1]))
+    assert torch.allclose(sub, ref[part].detach(), atol=1e-4)
+
+
+def test_micro_batches_keep_to_the_packed_token_budget():
+    group = torch.arange(3).repeat_interleave(4)  # 3 prompts x 4 completions; prompt 10 tokens, completion 5
+    cut = engine.micro_batches(torch.arange(12), group, 10, 5, 40)
+    # one prompt + 4 completions = 30 tokens; rows 4-5 would add a second prompt: 2 x (10 + 4 x 5) = 60 > 40
+    assert [c.tolist() for c in cut] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    cut = engine.micro_batches(torch.arange(2, 10), group, 10, 5, 45)  # 2 x (10 + 2 x 5) = 40 fits, then 50 not
+    assert [c.tolist() for c in cut] == [[2, 3, 4, 5], [6, 7, 8, 9]]
+    assert [c.tolist() for c in engine.micro_batches(torch.arange(3), group, 10, 5, 1)] == [[0], [1], [2]]
+    assert engine.micro_batches(torch.arange(0), group, 10, 5, 40) == []
 
 
 def test_sampling_follows_the_softmax(policy):

@@ -134,8 +134,8 @@ def engine_update(model, batch, ids, group, micro_tokens, r):
     """Old log-probs (no grad) and one forward/backward over every completion, micro-batched by token budget;
     under torchrun the gradients are summed over the ranks, as train_dapo.py does."""
     prompt_of_row = torch.arange(len(batch["input_ids"])).repeat_interleave(group)
-    rows = torch.arange(len(ids))
-    micro = rows.split(max(1, micro_tokens // (batch["input_ids"].shape[1] + ids.shape[1])))
+    micro = engine.micro_batches(torch.arange(len(ids)), prompt_of_row, batch["input_ids"].shape[1], ids.shape[1],
+                                 micro_tokens)
     adv = torch.randn(len(ids), device=ids.device)
     batch = {k: v.to(ids.device) for k, v in batch.items()}
     with clock(r, "update_s"):

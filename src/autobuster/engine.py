@@ -260,19 +260,38 @@ def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, ch
     """log p(ids | prompt) per completion token, [rows, L], with gradients if enabled.
 
     Row r of `ids` continues prompt `prompt_of_row[r]` of `batch` (by default prompt r). Each video goes through
-    the vision tower once whatever its number of rows (or not at all when its `features` are given). Only
-    completion positions reach lm_head, chunk by chunk under checkpointing, so no [rows, seq, vocab] fp32 tensor
-    ever exists."""
+    the vision tower once whatever its number of rows (or not at all when its `features` are given), and each
+    prompt through the language model once: its completions follow it in one packed sequence, each attending to
+    the prompt and to itself at the positions it would have alone (the G rows of a group share a prompt that is
+    most of their tokens). Only completion positions reach lm_head, chunk by chunk under checkpointing, so no
+    [rows, seq, vocab] fp32 tensor ever exists."""
     core = unwrap(model)
     ids = ids.to(core.lm_head.weight.device)
     batch = {k: v.to(ids.device) for k, v in batch.items()}
     rows = torch.arange(len(ids)) if prompt_of_row is None else prompt_of_row.cpu()
-    features = features or video_features(model, batch, rows.unique().tolist())
-    embeds, positions, attention = _inputs(core, batch, features, rows, ids)
-    prompt_len = batch["input_ids"].shape[1]
-    hidden = core.model.language_model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
-                                       use_cache=False).last_hidden_state
-    hidden = hidden[:, prompt_len - 1:-1]  # position t predicts token t + 1
+    prompts, seq_of_row = rows.unique(return_inverse=True)
+    slot = torch.zeros_like(rows)  # the row's place among its prompt's completions
+    for s in range(len(prompts)):
+        at = seq_of_row == s
+        slot[at] = torch.arange(int(at.sum()))
+    features = features or video_features(model, batch, prompts.tolist())
+    plen, width = batch["input_ids"].shape[1], ids.shape[1]
+    k = int(slot.max()) + 1
+    embeds, positions, attention = _inputs(core, batch, features, prompts, ids.new_zeros(len(prompts), width))
+    # [prompt][completion 0]...[completion k-1]: the completion's text positions repeat in every block
+    blocks = embeds[:, plen:].repeat(1, k, 1)
+    where = (seq_of_row.to(ids.device), slot.to(ids.device))
+    blocks.view(len(prompts), k, width, -1)[where] = core.model.get_input_embeddings()(ids)
+    embeds = torch.cat([embeds[:, :plen], blocks], 1)
+    positions = torch.cat([positions[..., :plen], positions[..., plen:].repeat(1, 1, k)], -1)
+    hidden = core.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False,
+                                       attention_mask={"full_attention": _packed_mask(attention[:, :plen], k, width,
+                                                                                      embeds.dtype, core)}
+                                       ).last_hidden_state
+    # completion token t of block j is predicted at position plen + j * width + t - 1 (t = 0: the prompt's last)
+    at = plen + slot.to(ids.device)[:, None] * width + torch.arange(width, device=ids.device) - 1
+    at[:, 0] = plen - 1
+    hidden = hidden[seq_of_row.to(ids.device)[:, None], at]
 
     def rows_logprobs(h, target):
         logits = core.lm_head(h).float() / temperature
@@ -283,3 +302,35 @@ def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, ch
         parts.append(checkpoint(rows_logprobs, h, t, use_reentrant=False) if torch.is_grad_enabled()
                      else rows_logprobs(h, t))
     return torch.cat(parts)
+
+
+def micro_batches(rows: torch.Tensor, prompt_of_row: torch.Tensor, prompt_len: int, completion_len: int,
+                  budget: int) -> list[torch.Tensor]:
+    """`rows` cut in order into micro-batches whose packed sequences (token_logprobs: each prompt once, then its
+    completions) hold at most `budget` tokens together; a row alone always makes one."""
+    out, part = [], []
+    for r in rows.tolist():
+        counts = torch.bincount(prompt_of_row[part + [r]])
+        if part and int((counts > 0).sum()) * (prompt_len + int(counts.max()) * completion_len) > budget:
+            out.append(torch.tensor(part))
+            part = []
+        part.append(r)
+    return out + [torch.tensor(part)] * bool(part)
+
+
+def _packed_mask(prompt_attention: torch.Tensor, k: int, width: int, dtype, core) -> torch.Tensor:
+    """[seqs, 1, S, S] for a prompt followed by k completion blocks: causal within the prompt (padding masked) and
+    within each block, every block sees the whole prompt, no block sees another. Each position sees itself, so a
+    padding query is never left with nothing to attend to (which would make NaNs)."""
+    plen = prompt_attention.shape[1]
+    block = torch.cat([torch.full((plen,), -1), torch.arange(k).repeat_interleave(width)]).to(prompt_attention.device)
+    pos = torch.arange(len(block), device=block.device)
+    causal = pos[None, :] <= pos[:, None]
+    prompt_key = (block == -1)[None, None, :] & torch.cat(
+        [prompt_attention.bool(), prompt_attention.new_ones(len(prompt_attention), k * width).bool()], 1)[:, None, :]
+    same_block = (block[None, :] == block[:, None]) & (block >= 0)[:, None]
+    mask = (causal & (prompt_key | same_block)) | torch.eye(len(block), dtype=torch.bool, device=block.device)
+    mask = mask[:, None]
+    if core.config._attn_implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
