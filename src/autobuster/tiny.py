@@ -124,8 +124,10 @@ def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 
     """Teach the format without the task, in place: `<think>{THOUGHT}</think><answer>X</answer>`.
 
     The letter never comes from the label (unless `supervised`, which measures the ceiling): it comes from a
-    label-free "opinion" about the video, learnt softly (P = 0.75), so the model writes A for about half the
-    clips, depends on the video, and still samples both letters. Cross-entropy on random letters would
+    label-free "opinion" about the video, learnt softly (P = 0.6), so the model writes A for about half the
+    clips, depends on the video, and still samples both letters. Softly, because RL must then unlearn the
+    opinion, which says nothing about the label (eight seeds on slower cores: mean val F1 0.70 after a warm start
+    at P = 0.75, 0.85 at P = 0.6; BENCHMARKS.md). Cross-entropy on random letters would
     instead flatten P(A) to 0.5 for every video and erase the video pathway."""
     from . import engine
     from .model import encode, load
@@ -153,7 +155,7 @@ def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 
             lp_a = engine.token_logprobs(model, prompts, ids_a)
             lp_b = engine.token_logprobs(model, prompts, ids_b)
             either = torch.logaddexp(lp_a[at], lp_b[at])  # log(P(A) + P(B)) at the letter
-            q = 0.25 + 0.5 * opinion([f for _, f in rows], direction).float()  # target P(A | A or B)
+            q = 0.4 + 0.2 * opinion([f for _, f in rows], direction).float()  # target P(A | A or B)
             margin = lp_a[at] - lp_b[at]
             letter = -(q * torch.nn.functional.logsigmoid(margin) + (1 - q) * torch.nn.functional.logsigmoid(-margin))
             mask[at] = 0
