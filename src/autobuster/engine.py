@@ -277,6 +277,7 @@ def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, ch
     features = features or video_features(model, batch, prompts.tolist())
     plen, width = batch["input_ids"].shape[1], ids.shape[1]
     k = int(slot.max()) + 1
+    # one placeholder completion per prompt gives the prompt's embeddings and the positions that follow it
     embeds, positions, attention = _inputs(core, batch, features, prompts, ids.new_zeros(len(prompts), width))
     # [prompt][completion 0]...[completion k-1]: the completion's text positions repeat in every block
     blocks = embeds[:, plen:].repeat(1, k, 1)
@@ -326,8 +327,8 @@ def _packed_mask(prompt_attention: torch.Tensor, k: int, width: int, dtype, core
     block = torch.cat([torch.full((plen,), -1), torch.arange(k).repeat_interleave(width)]).to(prompt_attention.device)
     pos = torch.arange(len(block), device=block.device)
     causal = pos[None, :] <= pos[:, None]
-    prompt_key = (block == -1)[None, None, :] & torch.cat(
-        [prompt_attention.bool(), prompt_attention.new_ones(len(prompt_attention), k * width).bool()], 1)[:, None, :]
+    prompt_key = torch.cat([prompt_attention.bool(), block.new_zeros(len(prompt_attention), k * width).bool()], 1)
+    prompt_key = prompt_key[:, None, :]  # [seqs, 1 (any query), keys]: the prompt's unpadded tokens
     same_block = (block[None, :] == block[:, None]) & (block >= 0)[:, None]
     mask = (causal & (prompt_key | same_block)) | torch.eye(len(block), dtype=torch.bool, device=block.device)
     mask = mask[:, None]
