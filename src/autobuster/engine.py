@@ -5,6 +5,7 @@ Python. Here each video goes through the vision tower once, each prompt is prefi
 to its G rows of a preallocated cache, and the decode step (all layers, sampling included) is one CUDA graph on
 the GPU, replayed until every row has ended. The model's own layers do the maths, so greedy outputs equal
 `generate` token for token (tests/test_engine.py)."""
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -309,12 +310,13 @@ def micro_batches(rows: torch.Tensor, prompt_of_row: torch.Tensor, prompt_len: i
                   budget: int) -> list[torch.Tensor]:
     """`rows` cut in order into micro-batches whose packed sequences (token_logprobs: each prompt once, then its
     completions) hold at most `budget` tokens together; a row alone always makes one."""
-    out, part = [], []
+    out, part, counts = [], [], Counter()  # counts: rows per prompt in `part` with the new row
     for r in rows.tolist():
-        counts = torch.bincount(prompt_of_row[part + [r]])
-        if part and int((counts > 0).sum()) * (prompt_len + int(counts.max()) * completion_len) > budget:
+        p = int(prompt_of_row[r])
+        counts[p] += 1
+        if part and len(counts) * (prompt_len + max(counts.values()) * completion_len) > budget:
             out.append(torch.tensor(part))
-            part = []
+            part, counts = [], Counter({p: 1})
         part.append(r)
     return out + [torch.tensor(part)] * bool(part)
 
