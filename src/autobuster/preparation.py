@@ -7,8 +7,7 @@ from pathlib import Path
 from . import dataset, synthetic, tiny
 from .profiles import Setup, get_profile, home, save_active
 
-WARM_START_STEPS = 2400  # ~6.5 minutes on 2 CPU cores. 800 left the reply text sampled exactly 97.5 % of the
-# time, and RL drifted into another thought in some runs, losing a style; 2400 give 99.2 % (BENCHMARKS.md)
+WARM_START_STEPS = 800  # ~2 minutes on 2 CPU cores
 
 
 def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, model: str | None = None) -> Setup:
