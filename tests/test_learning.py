@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # to run), and the model moves the outcome as much as the seed does: eight seeds on one model ended at 0.71-0.91
 # (mean 0.87) on cores about as fast as CI's, eight on another at 0.50-0.91 on slower ones (BENCHMARKS.md). A run
 # that misses has either never separated the classes or lost a whole style late (stutter learns slowest, tint can
-# flip), so no F1 floor is safe yet (issue 3).
+# flip: the frozen head caps P(letter) at ~0.89, so margins stay small), so no F1 floor is safe yet (issue 3).
 TARGET = 0.85  # issue 3's target; not yet reached reliably, so a miss is reported as xfail, not hidden
 
 
