@@ -41,8 +41,11 @@ CHAT_TEMPLATE = (
 )
 
 # The warm start's one line of reasoning. A single fixed line keeps the sampled replies' entropy in the answer
-# letter: random reasoning tokens would add gradient noise that drowns the letter's signal in RL.
-THOUGHT = "let me think about the motion, the colours and the texture of the frames"
+# letter: random reasoning tokens would add gradient noise that drowns the letter's signal in RL. No token in it
+# repeats, so each token alone says what follows: with "the motion, the colours and the texture" the 2-layer model
+# had to count which "the" it was at, RL's updates broke the count, and runs drifted into loops ("the motion, the
+# colours and the motion, ...", longer replies, slower steps; 0 of 16 runs with this line, BENCHMARKS.md).
+THOUGHT = "let me think about motion, colours and texture"
 
 
 def build_tokenizer() -> Qwen2Tokenizer:
