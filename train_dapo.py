@@ -160,12 +160,13 @@ class RunningMean:
     """The mean of `params` over the steps `add` is called at, in fp32 (bf16 LoRA weights would round it away)."""
 
     def __init__(self, params):
-        self.params, self.count = params, 0
-        self.mean = [p.detach().float().clone() for p in params]
+        self.params, self.count, self.mean = params, 0, []
 
     @torch.no_grad()
     def add(self):
         self.count += 1
+        if self.count == 1:  # the copy is made only once averaging starts
+            self.mean = [p.detach().float().clone() for p in self.params]
         for m, p in zip(self.mean, self.params):
             m.lerp_(p.float(), 1 / self.count)
 

@@ -14,13 +14,13 @@ from autobuster.loop import parse_summary
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# The warm start scores val F1 ~0.43. Each prepare warm-starts its own tiny model (not bit for bit the same from run
-# to run), and the model moves the outcome more than the seed does: one seed each on eight freshly warm-started
-# models scored 0.57-0.96 with their last weights (mean 0.85) on cores slower than CI's (BENCHMARKS.md). A run that
-# misses has either never separated the classes (checker and flicker stay at chance: RL moves the tower far more
-# slowly than supervised training from the same start) or is still learning when the budget ends, so no F1 floor is
-# safe yet (issue 3).
-TARGET = 0.85  # issue 3's target; not yet reached reliably, so a miss is reported as xfail, not hidden
+# The warm start scores val F1 ~0.4. Each prepare warm-starts its own tiny model (not bit for bit the same from run
+# to run), and the model moves the outcome more than the seed does. While the warm start trained the whole tower,
+# about one model in seven never told checker and flicker from real (F1 ~0.6). With the tower's blocks left random
+# by the warm start, every run separates them within a minute, and six freshly warm-started models scored 0.82-0.94
+# (five >= 0.85) on the development machine; the one below was still learning stutter when the budget ended
+# (BENCHMARKS.md). Until no model misses, a miss is reported with its figures as the open part of issue 3.
+TARGET = 0.85  # issue 3's target
 
 
 @pytest.mark.slow
@@ -35,11 +35,12 @@ def test_dapo_raises_val_f1(tiny_home, tmp_path):
     first = sum(s["accuracy"] for s in steps[:quarter]) / quarter
     last = sum(s["accuracy"] for s in steps[-quarter:]) / quarter
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
-    f1 = summary["f1"]
-    if f1 < TARGET:  # a model that never separates also barely rises (0.52 -> 0.57): the same open miss
-        pytest.xfail(f"issue 3 open: val F1 {f1:.3f} is below the target {TARGET} "
-                     f"(rollout accuracy {first:.3f} -> {last:.3f} from the first quarter to the last)")
-    assert last > first + 0.1  # rollout accuracy rises
+    rise = f"rollout accuracy {first:.3f} -> {last:.3f} from the first quarter to the last"
+    if summary["f1"] < TARGET:
+        pytest.xfail(f"issue 3 open: val F1 {summary['f1']:.3f} is below the target {TARGET} ({rise})")
+    # sampled at temperature 1, rollout accuracy rises less than greedy val accuracy (~0.57 -> ~0.70 in the runs of
+    # BENCHMARKS.md); each quarter's mean is over ~250 steps of 64+ replies, so 0.05 is far above its noise
+    assert last > first + 0.05, rise
 
 
 def test_qlora_switch_runs_on_the_tiny_model(tiny_home, tmp_path):

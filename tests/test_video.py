@@ -1,11 +1,17 @@
 """Frame sampling, decoding (HEVC 10-bit included) and smart resize, against independent references."""
+import multiprocessing
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
+from autobuster import synthetic
 from autobuster.synthetic import build, write_mp4
 from autobuster.video import decode_clip, sample_indices, smart_resize
 
@@ -59,3 +65,21 @@ def test_synthetic_build_remakes_only_missing_clips(tiny_home, tmp_path):
     assert np.abs(decode_clip(lost, 112 * 112).astype(int) - original).mean() < 2
     assert not list(videos.rglob("*.part"))
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+
+
+def test_synthetic_build_replaces_workers_that_stop_finishing_clips(tmp_path, monkeypatch, capsys):
+    """Workers stuck mid-clip (here stopped by a signal) never report: when no clip has finished for STALL_SECONDS,
+    they are killed and the clips still missing are made by a fresh pool."""
+    monkeypatch.setattr(synthetic, "LAYOUT", (("train", 24, 8, ("flicker", "tint")),))
+    monkeypatch.setattr(synthetic, "STALL_SECONDS", 5)
+
+    def stop_workers():
+        while not any(tmp_path.rglob("*.mp4")):
+            time.sleep(0.02)
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, signal.SIGSTOP)
+
+    threading.Thread(target=stop_workers, daemon=True).start()
+    build(tmp_path)
+    assert "restarting the clip workers" in capsys.readouterr().out
+    assert len(list(tmp_path.rglob("*_0*.mp4"))) == 24 + 8 + 8

@@ -7,7 +7,7 @@ the benchmark uses three unseen ones, so generalisation to unseen generators is 
 """
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -21,6 +21,7 @@ SEEN = ("flicker", "tint", "checker", "stutter")  # train + test generators
 UNSEEN = ("posterize", "stripes", "pulse")  # benchmark generators
 # (split, real clips, fake clips per generator, generators)
 LAYOUT = (("train", 200, 50, SEEN), ("test", 80, 20, SEEN), ("benchmark", 60, 20, UNSEEN))
+STALL_SECONDS = 120  # no clip finished for this long: the clip workers are stuck (a clip takes ~0.3 s)
 
 
 def scene(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -106,16 +107,30 @@ def build(root: Path, workers: int = 2) -> None:
                 seed += 1
                 jobs.append((str(folder / f"{style}_{i:04d}.mp4"), style, seed))
     # Spawned, not forked, workers: a fork of a process that has started torch's threads (pytest's, after
-    # collection) can die at random. Should a worker die anyway, the clips still missing get a fresh pool.
+    # collection) can die at random. Should a worker die, or stop finishing clips for STALL_SECONDS (one has been
+    # seen to spin in an encode for good), its pool is killed and the clips still missing get a fresh one.
     for attempt in range(4):
         todo = [j for j in jobs if not Path(j[0]).exists()]
         if not todo:
             break
         if attempt == 3:
-            raise RuntimeError("synthetic clip workers kept dying; run prepare again to resume")
+            raise RuntimeError("synthetic clip workers kept dying or stalling; run prepare again to resume")
         try:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                list(tqdm(pool.map(make_clip, todo, chunksize=8), total=len(todo), desc="synthetic clips"))
+                pending = {pool.submit(make_clip, job) for job in todo}
+                with tqdm(total=len(todo), desc="synthetic clips") as bar:
+                    while pending:
+                        done, pending = wait(pending, STALL_SECONDS, return_when=FIRST_COMPLETED)
+                        if not done:
+                            print(f"no clip finished in {STALL_SECONDS} s (attempt {attempt + 1}); "
+                                  "restarting the clip workers")
+                            for worker in multiprocessing.active_children():
+                                worker.kill()
+                            pool.shutdown(cancel_futures=True)
+                            break
+                        for future in done:
+                            future.result()
+                        bar.update(len(done))
         except BrokenProcessPool:
             print(f"a clip worker died (attempt {attempt + 1}); starting a fresh pool for the clips left")
     broken = root / "train" / "real"

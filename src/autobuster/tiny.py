@@ -122,48 +122,48 @@ def opinion(frames: list, direction: torch.Tensor) -> torch.Tensor:
     return score < score.median()
 
 
-def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 2e-3, supervised: bool = False,
-               log=print) -> None:
+def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 2e-3, log=print) -> None:
     """Teach the format without the task, in place: `<think>{THOUGHT}</think><answer>X</answer>`.
 
-    The letter never comes from the label (unless `supervised`, which measures the ceiling): it comes from a
-    label-free "opinion" about the video, learnt softly (P = 0.6), so the model writes A for about half the
-    clips, depends on the video, and still samples both letters. Softly, because RL must then unlearn the
+    The letter never comes from the label: it comes from a label-free "opinion" about the video, learnt softly
+    (P = 0.6), so the model writes A for about half the clips, depends on the video, and still samples both
+    letters. Softly, because RL must then unlearn the
     opinion, which says nothing about the label (eight RL seeds each on slower cores: mean val F1 0.70 after a
     warm start at P = 0.75, 0.85 at P = 0.6, 0.71 at P = 0.55; one model each, BENCHMARKS.md). Cross-entropy
-    on random letters would instead flatten P(A) to 0.5 for every video and erase the video pathway."""
+    on random letters would instead flatten P(A) to 0.5 for every video and erase the video pathway.
+
+    The tower's patch embedding and blocks stay at their random initialisation (only its merger learns): trained
+    on the colour opinion they would specialise in colour and lose the fine texture and frame-to-frame changes
+    that RL must find (a model whose RL never told checker and flicker from real, val F1 0.62, reached 0.94 from
+    the same seed with them frozen; BENCHMARKS.md)."""
     from . import engine
     from .model import encode, load
     model, processor = load(str(model_dir), device=torch.device("cpu"))
     tok = processor.tokenizer
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.model.visual.patch_embed.requires_grad_(False)
+    model.model.visual.blocks.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = torch.Generator().manual_seed(0)
     direction = torch.randn(48, generator=rng)
     cap = processor.video_processor.size["longest_edge"]
 
     for step in range(steps):
         rows = clips.batch(batch)
-        thoughts = [THOUGHT] * batch
         prompts = encode(processor, [f for _, f in rows], cap)
-        if supervised:
-            ids, mask = engine.reply_ids(tok, [f"<think>{t}</think><answer>{'AB'[r['label'] == 'fake']}</answer>"
-                                               for t, (r, _) in zip(thoughts, rows)])
-            loss = -(engine.token_logprobs(model, prompts, ids) * mask).sum() / mask.sum()
-        else:
-            # score each reply with A and with B: the tokens after the letter learn both continuations
-            ids_a, mask = engine.reply_ids(tok, [f"<think>{t}</think><answer>A</answer>" for t in thoughts])
-            ids_b, _ = engine.reply_ids(tok, [f"<think>{t}</think><answer>B</answer>" for t in thoughts])
-            at = torch.arange(batch), torch.tensor([letter_position(tok, r.tolist()) for r in ids_a])
-            lp_a = engine.token_logprobs(model, prompts, ids_a)
-            lp_b = engine.token_logprobs(model, prompts, ids_b)
-            either = torch.logaddexp(lp_a[at], lp_b[at])  # log(P(A) + P(B)) at the letter
-            q = 0.4 + 0.2 * opinion([f for _, f in rows], direction).float()  # target P(A | A or B)
-            margin = lp_a[at] - lp_b[at]
-            letter = -(q * torch.nn.functional.logsigmoid(margin) + (1 - q) * torch.nn.functional.logsigmoid(-margin))
-            mask[at] = 0
-            text = ((lp_a + lp_b) / 2 * mask).sum() / mask.sum()
-            loss = -text - either.mean() + letter.mean()
+        # score each reply with A and with B: the tokens after the letter learn both continuations
+        ids_a, mask = engine.reply_ids(tok, [f"<think>{THOUGHT}</think><answer>A</answer>"] * batch)
+        ids_b, _ = engine.reply_ids(tok, [f"<think>{THOUGHT}</think><answer>B</answer>"] * batch)
+        at = torch.arange(batch), torch.tensor([letter_position(tok, r.tolist()) for r in ids_a])
+        lp_a = engine.token_logprobs(model, prompts, ids_a)
+        lp_b = engine.token_logprobs(model, prompts, ids_b)
+        either = torch.logaddexp(lp_a[at], lp_b[at])  # log(P(A) + P(B)) at the letter
+        q = 0.4 + 0.2 * opinion([f for _, f in rows], direction).float()  # target P(A | A or B)
+        margin = lp_a[at] - lp_b[at]
+        letter = -(q * torch.nn.functional.logsigmoid(margin) + (1 - q) * torch.nn.functional.logsigmoid(-margin))
+        mask[at] = 0
+        text = ((lp_a + lp_b) / 2 * mask).sum() / mask.sum()
+        loss = -text - either.mean() + letter.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
