@@ -127,10 +127,10 @@ def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 
 
     The letter never comes from the label: it comes from a label-free "opinion" about the video, learnt softly
     (P = 0.6), so the model writes A for about half the clips, depends on the video, and still samples both
-    letters. Softly, because RL must then unlearn the
-    opinion, which says nothing about the label (eight RL seeds each on slower cores: mean val F1 0.70 after a
-    warm start at P = 0.75, 0.85 at P = 0.6, 0.71 at P = 0.55; one model each, BENCHMARKS.md). Cross-entropy
-    on random letters would instead flatten P(A) to 0.5 for every video and erase the video pathway.
+    letters. Softly, because RL must then unlearn the opinion, which says nothing about the label (eight RL seeds
+    each on slower cores: mean val F1 0.70 after a warm start at P = 0.75, 0.85 at P = 0.6, 0.71 at P = 0.55; one
+    model each, BENCHMARKS.md). Cross-entropy on random letters would instead flatten P(A) to 0.5 for every video
+    and erase the video pathway.
 
     The tower's patch embedding and blocks stay at their random initialisation (only its merger learns): trained
     on the colour opinion they would specialise in colour and lose the fine texture and frame-to-frame changes
