@@ -168,6 +168,7 @@ class RunningMean:
         self.count += 1
         if self.count == 1:  # the copy is made only once averaging starts
             self.mean = [p.detach().float().clone() for p in self.params]
+            return
         for m, p in zip(self.mean, self.params):
             m.lerp_(p.float(), 1 / self.count)
 
@@ -190,9 +191,11 @@ def rollout(model, processor, clips, stats, mixed=False, scorer=None):
     # batch of the other label alone pushes the answer prior towards it until the weakest style flips.
     quota = {"real": PROMPTS_PER_STEP // 2, "fake": PROMPTS_PER_STEP - PROMPTS_PER_STEP // 2}
     kept, draws = {label: [] for label in quota}, 0
-    short = lambda: {label: n - len(kept[label]) for label, n in quota.items()}  # noqa: E731
-    while sum(short().values()) and draws < MAX_DRAWS:
-        drawn = [clip for label, n in short().items() for clip in clips.batch(n, label)]
+    while draws < MAX_DRAWS:
+        missing = {label: n - len(kept[label]) for label, n in quota.items()}
+        if not sum(missing.values()):
+            break
+        drawn = [clip for label, n in missing.items() for clip in clips.batch(n, label)]
         draws += 1
         modes = [MODES[torch.randint(len(MODES), ()).item()] if mixed else None for _ in drawn]
         t0 = time.time()

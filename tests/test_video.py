@@ -12,7 +12,6 @@ import pytest
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_smart_resize
 
 from autobuster import synthetic
-from autobuster.synthetic import build, write_mp4
 from autobuster.video import decode_clip, sample_indices, smart_resize
 
 
@@ -21,7 +20,7 @@ def numbered_clip(path, fps, n, hevc10=False):
     frames = np.zeros((n, 112, 112, 3), np.uint8)
     for k in range(n):
         frames[k, ..., 0], frames[k, ..., 1] = 16 * (k % 16), 16 * (k // 16)
-    write_mp4(path, frames, fps, hevc10)
+    synthetic.write_mp4(path, frames, fps, hevc10)
 
 
 @pytest.mark.parametrize("fps", [24, 25, 30])
@@ -60,26 +59,28 @@ def test_synthetic_build_remakes_only_missing_clips(tiny_home, tmp_path):
     original = decode_clip(lost, 112 * 112)
     lost.rename(lost.with_name(lost.name + ".part"))
     kept = {p: p.stat().st_mtime_ns for p in videos.rglob("*.mp4") if p.name.startswith(("real_", "tint_"))}
-    build(videos)
+    synthetic.build(videos)
     # same seed, same frames, up to the encoder's rounding (its threads make the bits vary from run to run)
     assert np.abs(decode_clip(lost, 112 * 112).astype(int) - original).mean() < 2
     assert not list(videos.rglob("*.part"))
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
 
 
-def test_synthetic_build_replaces_workers_that_stop_finishing_clips(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("sig, message", [(signal.SIGSTOP, "restarting the clip workers"),
+                                          (signal.SIGKILL, "a clip worker died")])
+def test_synthetic_build_replaces_workers_that_stall_or_die(tmp_path, monkeypatch, capsys, sig, message):
     """Workers stuck mid-clip (here stopped by a signal) never report: when no clip has finished for STALL_SECONDS,
-    they are killed and the clips still missing are made by a fresh pool."""
+    they are killed. Killed workers break the pool. Either way the clips still missing are made by a fresh pool."""
     monkeypatch.setattr(synthetic, "LAYOUT", (("train", 24, 8, ("flicker", "tint")),))
     monkeypatch.setattr(synthetic, "STALL_SECONDS", 5)
 
-    def stop_workers():
+    def signal_workers():
         while not any(tmp_path.rglob("*.mp4")):
             time.sleep(0.02)
         for worker in multiprocessing.active_children():
-            os.kill(worker.pid, signal.SIGSTOP)
+            os.kill(worker.pid, sig)
 
-    threading.Thread(target=stop_workers, daemon=True).start()
-    build(tmp_path)
-    assert "restarting the clip workers" in capsys.readouterr().out
+    threading.Thread(target=signal_workers, daemon=True).start()
+    synthetic.build(tmp_path)
+    assert message in capsys.readouterr().out
     assert len(list(tmp_path.rglob("*_0*.mp4"))) == 24 + 8 + 8

@@ -286,10 +286,10 @@ def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, ch
     blocks.view(len(prompts), k, width, -1)[where] = core.model.get_input_embeddings()(ids)
     embeds = torch.cat([embeds[:, :plen], blocks], 1)
     positions = torch.cat([positions[..., :plen], positions[..., plen:].repeat(1, 1, k)], -1)
+    sdpa = core.config._attn_implementation == "sdpa"
+    mask = _packed_mask(attention[:, :plen], k, width, None if sdpa else embeds.dtype)
     hidden = core.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False,
-                                       attention_mask={"full_attention": _packed_mask(attention[:, :plen], k, width,
-                                                                                      embeds.dtype, core)}
-                                       ).last_hidden_state
+                                       attention_mask={"full_attention": mask}).last_hidden_state
     # completion token t of block j is predicted at position plen + j * width + t - 1 (t = 0: the prompt's last)
     at = plen + slot.to(ids.device)[:, None] * width + torch.arange(width, device=ids.device) - 1
     at[:, 0] = plen - 1
@@ -321,10 +321,11 @@ def micro_batches(rows: torch.Tensor, prompt_of_row: torch.Tensor, prompt_len: i
     return out + [torch.tensor(part)] * bool(part)
 
 
-def _packed_mask(prompt_attention: torch.Tensor, k: int, width: int, dtype, core) -> torch.Tensor:
+def _packed_mask(prompt_attention: torch.Tensor, k: int, width: int, dtype) -> torch.Tensor:
     """[seqs, 1, S, S] for a prompt followed by k completion blocks: causal within the prompt (padding masked) and
     within each block, every block sees the whole prompt, no block sees another. Each position sees itself, so a
-    padding query is never left with nothing to attend to (which would make NaNs)."""
+    padding query is never left with nothing to attend to (which would make NaNs). Boolean (what sdpa takes) when
+    dtype is None, else additive in dtype (eager)."""
     plen = prompt_attention.shape[1]
     block = torch.cat([torch.full((plen,), -1), torch.arange(k).repeat_interleave(width)]).to(prompt_attention.device)
     pos = torch.arange(len(block), device=block.device)
@@ -334,6 +335,6 @@ def _packed_mask(prompt_attention: torch.Tensor, k: int, width: int, dtype, core
     same_block = (block[None, :] == block[:, None]) & (block >= 0)[:, None]
     mask = (causal & (prompt_key | same_block)) | torch.eye(len(block), dtype=torch.bool, device=block.device)
     mask = mask[:, None]
-    if core.config._attn_implementation == "sdpa":
+    if dtype is None:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)

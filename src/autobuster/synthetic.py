@@ -94,6 +94,34 @@ def make_clip(job: tuple) -> None:
     write_mp4(Path(path), np.clip(frames, 0, 255).astype(np.uint8), fps, hevc10=bool(rng.random() < 0.25))
 
 
+def make_clips(jobs: list, workers: int, attempt: int) -> bool:
+    """Make the clips in a fresh pool; False when a worker died or none finished a clip for STALL_SECONDS.
+
+    Spawned, not forked, workers: a fork of a process that has started torch's threads (pytest's, after collection)
+    can die at random. One worker has been seen to spin in an encode for good, hence the stall check; the caller
+    gives the clips still missing a fresh pool."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pending = {pool.submit(make_clip, job) for job in jobs}
+    try:
+        with tqdm(total=len(jobs), desc="synthetic clips") as bar:
+            while pending:
+                done, pending = wait(pending, STALL_SECONDS, return_when=FIRST_COMPLETED)
+                if not done:
+                    print(f"no clip finished in {STALL_SECONDS} s (attempt {attempt}); restarting the clip workers")
+                    for worker in multiprocessing.active_children():
+                        worker.kill()
+                    return False
+                for future in done:
+                    future.result()
+                bar.update(len(done))
+        return True
+    except BrokenProcessPool:
+        print(f"a clip worker died (attempt {attempt}); starting a fresh pool for the clips left")
+        return False
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
 def build(root: Path, workers: int = 2) -> None:
     """Write the dataset as `<split>/real/*.mp4` and `<split>/fake/<generator>/*.mp4` (GenBuster's layout).
 
@@ -106,33 +134,12 @@ def build(root: Path, workers: int = 2) -> None:
             for i in range(n):
                 seed += 1
                 jobs.append((str(folder / f"{style}_{i:04d}.mp4"), style, seed))
-    # Spawned, not forked, workers: a fork of a process that has started torch's threads (pytest's, after
-    # collection) can die at random. Should a worker die, or stop finishing clips for STALL_SECONDS (one has been
-    # seen to spin in an encode for good), its pool is killed and the clips still missing get a fresh one.
-    for attempt in range(4):
+    for attempt in range(1, 4):
         todo = [j for j in jobs if not Path(j[0]).exists()]
-        if not todo:
+        if not todo or make_clips(todo, workers, attempt):
             break
-        if attempt == 3:
-            raise RuntimeError("synthetic clip workers kept dying or stalling; run prepare again to resume")
-        try:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                pending = {pool.submit(make_clip, job) for job in todo}
-                with tqdm(total=len(todo), desc="synthetic clips") as bar:
-                    while pending:
-                        done, pending = wait(pending, STALL_SECONDS, return_when=FIRST_COMPLETED)
-                        if not done:
-                            print(f"no clip finished in {STALL_SECONDS} s (attempt {attempt + 1}); "
-                                  "restarting the clip workers")
-                            for worker in multiprocessing.active_children():
-                                worker.kill()
-                            pool.shutdown(cancel_futures=True)
-                            break
-                        for future in done:
-                            future.result()
-                        bar.update(len(done))
-        except BrokenProcessPool:
-            print(f"a clip worker died (attempt {attempt + 1}); starting a fresh pool for the clips left")
+    else:
+        raise RuntimeError("synthetic clip workers kept dying or stalling; run prepare again to resume")
     broken = root / "train" / "real"
     (broken / "broken_empty.mp4").write_bytes(b"")
     good = (broken / "real_0000.mp4").read_bytes()
