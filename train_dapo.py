@@ -62,6 +62,10 @@ UPDATES_PER_BATCH = 3 if TINY else 2  # optimizer steps per rollout batch; > 1 a
 # (the tiny model's rollouts cost more than its updates: 3 narrowed val F1's spread over eight seeds, BENCHMARKS.md)
 DYNAMIC_SAMPLING = True  # drop groups whose samples are all right or all wrong, draw more prompts
 MAX_DRAWS = 4  # prompt draws per step before going on with fewer groups
+FOCUS = 0.75  # share of the fake clips drawn by their generator's running rollout error, the rest evenly: a style
+# not yet learnt gets more of the batch (learnt ones stay mixed groups, as the tiny model's letter confidence is
+# capped near 0.89, and would fill the quota; BENCHMARKS.md)
+FOCUS_MEMORY = 0.1  # weight of each new group in its generator's running error
 MALFORMED_IN_LOSS = False  # False: malformed or truncated replies score -1 but stay out of the loss
 MICRO_BATCH_TOKENS = 16384  # tokens per forward/backward, each prompt once plus its completions (memory vs speed)
 GRADIENT_CHECKPOINTING = not TINY
@@ -184,9 +188,16 @@ class RunningMean:
 # ---------------------------------------------------------------- rollouts
 
 
-def rollout(model, processor, clips, stats, mixed=False, scorer=None):
-    """Groups for one step: sample G replies per clip, score them, keep groups with mixed correctness. `mixed`
-    (stage 3): each clip's prompt in a random mode, with the hybrid and thinking rewards."""
+def focus_weights(errors: dict[str, float]) -> dict[str, float]:
+    """Draw weights of the fake generators: FOCUS of the mass in proportion to their running error, the rest even."""
+    total = sum(errors.values())
+    return {g: (1 - FOCUS) / len(errors) + FOCUS * (e / total if total else 1 / len(errors)) for g, e in errors.items()}
+
+
+def rollout(model, processor, clips, stats, errors, mixed=False, scorer=None):
+    """Groups for one step: sample G replies per clip, score them, keep groups with mixed correctness. `errors`
+    {fake generator: running error} steers which fakes are drawn and is updated here. `mixed` (stage 3): each
+    clip's prompt in a random mode, with the hybrid and thinking rewards."""
     # Balanced after filtering, not only when drawn: a solved label's groups are all right and dropped, and a
     # batch of the other label alone pushes the answer prior towards it until the weakest style flips.
     quota = {"real": PROMPTS_PER_STEP // 2, "fake": PROMPTS_PER_STEP - PROMPTS_PER_STEP // 2}
@@ -195,7 +206,7 @@ def rollout(model, processor, clips, stats, mixed=False, scorer=None):
         missing = {label: n - len(kept[label]) for label, n in quota.items()}
         if not sum(missing.values()):
             break
-        drawn = [clip for label, n in missing.items() for clip in clips.batch(n, label)]
+        drawn = clips.batch(missing["real"], "real") + clips.batch(missing["fake"], "fake", focus_weights(errors))
         draws += 1
         modes = [MODES[torch.randint(len(MODES), ()).item()] if mixed else None for _ in drawn]
         t0 = time.time()
@@ -209,6 +220,8 @@ def rollout(model, processor, clips, stats, mixed=False, scorer=None):
             rows = slice(i * GROUP_SIZE, (i + 1) * GROUP_SIZE)
             texts, lengths = done.texts[rows], done.lengths[rows].tolist()
             correct = [accuracy_reward(t, row["label"]) for t in texts]
+            if row["label"] == "fake":
+                errors[row["generator"]] += FOCUS_MEMORY * (1 - sum(correct) / GROUP_SIZE - errors[row["generator"]])
             well_formed = [format_reward(t, mode) == 0 and not tr
                            for t, tr in zip(texts, done.truncated[rows].tolist())]
             rewards = [c + format_reward(t, mode) + overlong_reward(n) for c, t, n in zip(correct, texts, lengths)]
@@ -401,6 +414,7 @@ def main():
     if STAGE3 and scorer is None:
         print("thinking reward off: THINKING_SCORER names no reward model")
     average = RunningMean(trainable)  # of the steps after AVERAGE_FROM
+    errors = {g: 0.5 for g in clips.generators["fake"]}  # running rollout error per fake generator
     while trained < TIME_BUDGET:
         t0 = time.time()
         if not fused and trained >= stage1_end:
@@ -417,7 +431,7 @@ def main():
             group["lr"] = group["peak"] * lr_factor(trained / TIME_BUDGET)
         stats.update(step=step, seen=[])
         model.eval()
-        groups = rollout(model, processor, clips, stats, mixed=stage == 3, scorer=scorer)
+        groups = rollout(model, processor, clips, stats, errors, mixed=stage == 3, scorer=scorer)
         model.train()
         loss = clip_low = clip_high = grad_norm = 0.0
         if distributed.all_max(len(groups)):  # the update's all-reduces need every rank, with groups or not
@@ -437,7 +451,7 @@ def main():
                    truncated=sum(flat("truncated")) / len(rewards), loss=loss, clip_low=clip_low,
                    clip_high=clip_high, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"],
                    rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9),
-                   step_seconds=dt, skipped_clips=clips.skipped)
+                   step_seconds=dt, skipped_clips=clips.skipped, errors={g: round(e, 3) for g, e in errors.items()})
         rec["stage"] = stage
         log.write(json.dumps(rec) + "\n")
         log.flush()

@@ -106,15 +106,18 @@ def test_dynamic_sampling_keeps_mixed_groups_only(td):
 
 
 class ScriptedClips:
-    """Train clips whose frames are just their label; records every label drawn."""
+    """Train clips whose frames are just their label (fakes from generator "g"); records every label drawn and the
+    weights the fakes were drawn with."""
 
     def __init__(self):
-        self.drawn = []
+        self.drawn, self.weights = [], []
 
-    def batch(self, n, label=None):
+    def batch(self, n, label=None, weights=None):
         labels = [label or ("real", "fake")[i % 2] for i in range(n)]
         self.drawn += labels
-        return [(dict(label=lab), lab) for lab in labels]
+        if weights:
+            self.weights.append(weights)
+        return [(dict(label=lab, generator="real" if lab == "real" else "g"), lab) for lab in labels]
 
 
 def scripted_policy(td, monkeypatch, fake_mixed_from_call):
@@ -143,7 +146,7 @@ def test_dynamic_sampling_balances_the_kept_groups_by_label(td, monkeypatch):
     """Solved fake groups are dropped and more fakes drawn (reals no longer), so the batch stays half real."""
     scripted_policy(td, monkeypatch, fake_mixed_from_call=2)
     clips, stats = ScriptedClips(), {"rollout_seconds": 0.0, "rollout_tokens": 0, "seen": []}
-    groups = td.rollout(None, None, clips, stats)
+    groups = td.rollout(None, None, clips, stats, {"g": 0.5})
     half = td.PROMPTS_PER_STEP // 2
     assert clips.drawn == ["real"] * half + ["fake"] * half * 2 and stats["draws"] == 2
     assert [g["label"] for g in groups] == ["real", "fake"] * half  # in turn: every optimizer step is balanced
@@ -153,13 +156,26 @@ def test_dynamic_sampling_gives_up_after_max_draws(td, monkeypatch, capsys):
     """Fakes never mixed: the step goes on with the real half alone after MAX_DRAWS draws, and says so."""
     scripted_policy(td, monkeypatch, fake_mixed_from_call=10 ** 9)
     clips, stats = ScriptedClips(), {"rollout_seconds": 0.0, "rollout_tokens": 0, "seen": []}
-    groups = td.rollout(None, None, clips, stats)
+    errors = {"g": 0.5}
+    groups = td.rollout(None, None, clips, stats, errors)
     half = td.PROMPTS_PER_STEP // 2
     assert stats["draws"] == td.MAX_DRAWS
     assert clips.drawn == ["real"] * half + ["fake"] * half * td.MAX_DRAWS  # no more reals once they are kept
     assert [g["label"] for g in groups] == ["real"] * half
     assert len(stats["seen"]) == 2 * half + (td.MAX_DRAWS - 1) * half  # every sampled group is counted
     assert f"gave up after {td.MAX_DRAWS} draws with {half}/{td.PROMPTS_PER_STEP} groups" in capsys.readouterr().out
+    # every fake group was all right: the running error decays by (1 - FOCUS_MEMORY) per group
+    assert math.isclose(errors["g"], 0.5 * (1 - td.FOCUS_MEMORY) ** (half * td.MAX_DRAWS))
+    assert len(clips.weights) == td.MAX_DRAWS
+
+
+def test_focus_weights_follow_the_running_error(td, monkeypatch):
+    """FOCUS of the draw mass in proportion to the error, the rest even; all errors zero -> even."""
+    monkeypatch.setattr(td, "FOCUS", 0.75)
+    w = td.focus_weights({"a": 0.6, "b": 0.2, "c": 0.2, "d": 0.0})
+    # worked by hand: 0.25 / 4 = 0.0625 even, plus 0.75 * error / 1.0
+    assert w == pytest.approx({"a": 0.5125, "b": 0.2125, "c": 0.2125, "d": 0.0625})
+    assert td.focus_weights({"a": 0.0, "b": 0.0}) == pytest.approx({"a": 0.5, "b": 0.5})
 
 
 def test_running_mean_is_the_mean_of_the_steps_added(td):
@@ -180,3 +196,32 @@ def test_running_mean_is_the_mean_of_the_steps_added(td):
     assert mean.count == 300
     # within bf16's rounding of the exact mean (a mean kept in bf16 drifts by several of its steps here)
     torch.testing.assert_close(p.detach().double(), torch.stack(snapshots).mean(0), rtol=2 ** -8, atol=1e-6)
+
+
+def test_train_clips_draw_generators_by_weight_and_skip_bad_clips(td, monkeypatch):
+    """Fakes come only from generators with weight; by default from every generator in proportion to its clips;
+    a clip that fails to decode is skipped, counted, and replaced by another."""
+    from autobuster import dataset
+    load = dataset.load_frames
+    bad = lambda row: row["generator"] == "tint" and int(row["id"][-1], 16) % 2 == 0  # noqa: E731
+
+    def flaky(setup, row):
+        if bad(row):
+            raise dataset.BadVideo(f"{row['id']}: corrupt")
+        return load(setup, row)
+
+    monkeypatch.setattr(dataset, "load_frames", flaky)
+    clips = dataset.TrainClips(td.SETUP, seed=0)
+    try:
+        assert clips.generators == {"real": ["real"], "fake": ["checker", "flicker", "stutter", "tint"]}
+        drawn = clips.batch(24, "fake", {"checker": 0.0, "flicker": 0.0, "stutter": 1.0, "tint": 1.0})
+        assert {row["generator"] for row, _ in drawn} == {"stutter", "tint"}
+        assert not any(bad(row) for row, _ in drawn) and clips.skipped > 0
+        counts = {g: 0 for g in clips.generators["fake"]}
+        for row, frames in clips.batch(400, "fake"):
+            counts[row["generator"]] += 1
+            assert frames.ndim == 4
+        assert all(60 <= c <= 140 for c in counts.values()), counts  # 100 each expected (50 train clips each)
+        assert [row["label"] for row, _ in clips.batch(4)] == ["real", "fake"] * 2
+    finally:
+        clips.close()

@@ -290,7 +290,8 @@ def extract(archive: Path, target: Path) -> None:
 
 
 class TrainClips:
-    """Balanced batches of training clips (half real, half fake), decoded ahead by background threads.
+    """Batches of training clips, decoded ahead by background threads. Clips are drawn per generator ("real" for
+    the real ones), each in shuffled passes, so a trainer can weigh the generators.
 
     A clip that fails to decode is skipped and counted in `skipped`; it never stops training."""
 
@@ -298,38 +299,47 @@ class TrainClips:
         df = read_manifest(setup)
         df = df[(df.split == "train") & (df.status == "ok")]
         self.setup, self.skipped = setup, 0
-        self.rows = {lab: df[df.label == lab].to_dict("records") for lab in ("real", "fake")}
-        if not all(self.rows.values()):
+        self.generators = {lab: sorted(df[df.label == lab].generator.unique()) for lab in ("real", "fake")}
+        if not all(self.generators.values()):
             raise UserError("the train split needs both real and fake clips")
+        self.rows = {key: d.to_dict("records") for key, d in df.groupby(["label", "generator"])}
         self.rng = random.Random(seed)
         self.pool = ThreadPoolExecutor(max(1, workers() // 2))
-        self.ahead = {lab: queue.Queue() for lab in self.rows}
-        self.order = {lab: [] for lab in self.rows}
-        for lab in self.rows:
-            for _ in range(ahead // 2):
-                self._submit(lab)
+        self.ahead = {key: queue.Queue() for key in self.rows}
+        self.order = {key: [] for key in self.rows}
+        for key in sorted(self.rows):  # half of `ahead` per label, shared by its generators
+            for _ in range(max(2, ahead // 2 // len(self.generators[key[0]]))):
+                self._submit(key)
 
-    def _next_row(self, label: str) -> dict:
-        if not self.order[label]:  # a fresh shuffled pass over this label's clips
-            self.order[label] = self.rng.sample(self.rows[label], len(self.rows[label]))
-        return self.order[label].pop()
+    def _next_row(self, key: tuple[str, str]) -> dict:
+        if not self.order[key]:  # a fresh shuffled pass over this generator's clips
+            self.order[key] = self.rng.sample(self.rows[key], len(self.rows[key]))
+        return self.order[key].pop()
 
-    def _submit(self, label: str) -> None:
-        row = self._next_row(label)
-        self.ahead[label].put((row, self.pool.submit(load_frames, self.setup, row)))
+    def _submit(self, key: tuple[str, str]) -> None:
+        row = self._next_row(key)
+        self.ahead[key].put((row, self.pool.submit(load_frames, self.setup, row)))
 
-    def _take(self, label: str):
+    def _take(self, key: tuple[str, str]):
         while True:
-            row, fut = self.ahead[label].get()
-            self._submit(label)
+            row, fut = self.ahead[key].get()
+            self._submit(key)
             try:
                 return row, fut.result()
             except BadVideo:
                 self.skipped += 1
 
-    def batch(self, n: int, label: str | None = None) -> list[tuple[dict, np.ndarray]]:
-        """n clips of `label`, or alternating real and fake (n even gives exactly half of each)."""
-        return [self._take(label or ("real", "fake")[i % 2]) for i in range(n)]
+    def batch(self, n: int, label: str | None = None, weights: dict[str, float] | None = None):
+        """n clips of `label`, or alternating real and fake (n even gives exactly half of each). Each clip's
+        generator is drawn with `weights` {generator: weight} over the label's generators, by default in
+        proportion to their clips (every clip equally likely)."""
+        out = []
+        for i in range(n):
+            lab = label or ("real", "fake")[i % 2]
+            gens = self.generators[lab]
+            w = [weights[g] for g in gens] if weights else [len(self.rows[lab, g]) for g in gens]
+            out.append(self._take((lab, self.rng.choices(gens, w)[0])))
+        return out
 
     def close(self):
         self.pool.shutdown(wait=False, cancel_futures=True)
