@@ -70,17 +70,25 @@ def test_synthetic_build_remakes_only_missing_clips(tiny_home, tmp_path):
                                           (signal.SIGKILL, "a clip worker died")])
 def test_synthetic_build_replaces_workers_that_stall_or_die(tmp_path, monkeypatch, capsys, sig, message):
     """Workers stuck mid-clip (here stopped by a signal) never report: when no clip has finished for STALL_SECONDS,
-    they are killed. Killed workers break the pool. Either way the clips still missing are made by a fresh pool."""
+    they are killed. Killed workers break the pool. Either way the clips still missing are made by a fresh pool,
+    and the caller's other child processes are left alone."""
     monkeypatch.setattr(synthetic, "LAYOUT", (("train", 24, 8, ("flicker", "tint")),))
     monkeypatch.setattr(synthetic, "STALL_SECONDS", 5)
+    bystander = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(300,))
+    bystander.start()
 
     def signal_workers():
         while not any(tmp_path.rglob("*.mp4")):
             time.sleep(0.02)
         for worker in multiprocessing.active_children():
-            os.kill(worker.pid, sig)
+            if worker.pid != bystander.pid:
+                os.kill(worker.pid, sig)
 
     threading.Thread(target=signal_workers, daemon=True).start()
-    synthetic.build(tmp_path)
+    try:
+        synthetic.build(tmp_path)
+        assert bystander.is_alive()
+    finally:
+        bystander.kill()
     assert message in capsys.readouterr().out
     assert len(list(tmp_path.rglob("*_0*.mp4"))) == 24 + 8 + 8

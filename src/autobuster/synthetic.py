@@ -100,15 +100,16 @@ def make_clips(jobs: list, workers: int, attempt: int) -> bool:
     Spawned, not forked, workers: a fork of a process that has started torch's threads (pytest's, after collection)
     can die at random. One worker has been seen to spin in an encode for good, hence the stall check; the caller
     gives the clips still missing a fresh pool."""
+    others = set(multiprocessing.active_children())  # the caller's own children, which a stall must spare
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-    pending = {pool.submit(make_clip, job) for job in jobs}
     try:
+        pending = {pool.submit(make_clip, job) for job in jobs}
         with tqdm(total=len(jobs), desc="synthetic clips") as bar:
             while pending:
                 done, pending = wait(pending, STALL_SECONDS, return_when=FIRST_COMPLETED)
                 if not done:
                     print(f"no clip finished in {STALL_SECONDS} s (attempt {attempt}); restarting the clip workers")
-                    for worker in multiprocessing.active_children():
+                    for worker in set(multiprocessing.active_children()) - others:
                         worker.kill()
                     return False
                 for future in done:
