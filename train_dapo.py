@@ -287,18 +287,21 @@ def update(model, opt, processor, groups, stats):
         return engine.token_logprobs(model, prompts, ids[part], TEMPERATURE, prompt_of_row=prompt_of_row[part],
                                      features=features)
 
-    old = None
-    if UPDATES_PER_BATCH > 1 and len(rows):  # the policy moves between updates: freeze the sampler's log-probs
+    # The policy moves between updates, so the later mini-batches need the sampler's log-probs frozen in a no-grad
+    # pass; the first one runs on the sampler's weights, where its own detached log-probs are those.
+    minis = rows.tensor_split(UPDATES_PER_BATCH)  # as many steps on every rank, even one without rows
+    later, old = rows[len(minis[0]):], torch.zeros_like(mask)
+    if len(later):
         with torch.no_grad():
-            old = torch.cat([logprobs(p) for p in micro(rows)])
+            old[later] = torch.cat([logprobs(p) for p in micro(later)])
     losses, clip_low, clip_high, norms = [], 0, 0, []
-    for mini in rows.tensor_split(UPDATES_PER_BATCH):  # as many steps on every rank, even one without rows
+    for i, mini in enumerate(minis):
         n_tokens = distributed.all_sum(mask[mini].sum()).clamp(min=1)  # the global DAPO normaliser
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         for part in micro(mini):  # none on a rank without rows
             logp = logprobs(part)
-            ref = logp.detach() if old is None else old[part]
+            ref = old[part] if i else logp.detach()
             loss, lo, hi = dapo_loss(logp, ref, adv[part], mask[part], n_tokens)
             loss.backward()
             total += loss.detach()

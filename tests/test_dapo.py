@@ -225,3 +225,83 @@ def test_train_clips_draw_generators_by_weight_and_skip_bad_clips(td, monkeypatc
         assert [row["label"] for row, _ in clips.batch(4)] == ["real", "fake"] * 2
     finally:
         clips.close()
+
+
+def test_every_update_on_a_rollout_batch_is_against_the_sampling_policy(td, monkeypatch):
+    """UPDATES_PER_BATCH steps, each on its share of the rows in order: every step's ratio is against the weights
+    that sampled, worked out here with plain SGD from the clipped surrogate (steps large enough to clip)."""
+    from peft import LoraConfig, get_peft_model
+
+    from autobuster import dataset, engine
+    from autobuster.model import load, lora_targets
+    monkeypatch.setattr(td, "UPDATES_PER_BATCH", 3)
+    monkeypatch.setattr(td, "GROUP_SIZE", 4)
+    monkeypatch.setattr(td, "GRAD_CLIP", float("inf"))
+    monkeypatch.setattr(td, "MICRO_BATCH_TOKENS", 700)  # micro-batches that cut across groups and mini-batches
+    monkeypatch.setattr(td, "TRAIN_VISION", True)
+    clips = dataset.TrainClips(td.SETUP, seed=0)
+    drawn = clips.batch(3)
+    clips.close()
+    gen = torch.Generator().manual_seed(0)
+    groups = []
+    for _, frames in drawn:
+        lengths = torch.randint(3, 9, (4,), generator=gen)
+        mask = (torch.arange(8) < lengths[:, None]).long()
+        groups.append(dict(frames=frames, mode=None, mask=mask, well_formed=[True] * 4,
+                           ids=torch.randint(0, 90, (4, 8), generator=gen).masked_fill(mask == 0, 0),
+                           rewards=torch.randn(4, generator=gen).tolist()))
+
+    def policy():
+        torch.manual_seed(0)
+        model, processor = load(td.BASE_MODEL)
+        lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=lora_targets(["q_proj"]),
+                          modules_to_save=["visual"])
+        model = get_peft_model(model, lora)
+        return model, processor, [p for p in model.parameters() if p.requires_grad]
+
+    lr = 2.0
+    model, processor, params = policy()
+    td.update(model, torch.optim.SGD(params, lr=lr), processor, groups, {"step": 0})
+
+    ref, processor, ref_params = policy()
+    prompts, ids, mask, adv, prompt_of_row = td.collate(processor, groups)
+    with torch.no_grad():
+        sampler = engine.token_logprobs(ref, prompts, ids, prompt_of_row=prompt_of_row)
+    ratios = []
+    for rows in torch.arange(len(ids)).tensor_split(3):
+        logp = engine.token_logprobs(ref, prompts, ids[rows], prompt_of_row=prompt_of_row[rows])
+        ratio, a = torch.exp(logp - sampler[rows]), adv[rows, None]
+        surrogate = torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a)
+        (-(surrogate * mask[rows]).sum() / mask[rows].sum()).backward()
+        with torch.no_grad():
+            for p in ref_params:
+                p -= lr * p.grad
+                p.grad = None
+        ratios.append(ratio[mask[rows] > 0].detach())
+    assert torch.equal(ratios[0], torch.ones_like(ratios[0]))
+    later = torch.cat(ratios[1:])
+    assert ((later < 0.8) | (later > 1.28)).any() and (later - 1).abs().max() > 0.05  # steps that matter
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_train_clips_name_a_generator_none_of_whose_clips_decodes(td, monkeypatch):
+    """Training cannot go on without a style it draws: one clear error after a whole pass of failures, not a hang."""
+    from autobuster import dataset
+    from autobuster.errors import UserError
+    load = dataset.load_frames
+
+    def broken(setup, row):
+        if row["generator"] == "stutter":
+            raise dataset.BadVideo(f"{row['id']}: corrupt")
+        return load(setup, row)
+
+    monkeypatch.setattr(dataset, "load_frames", broken)
+    clips = dataset.TrainClips(td.SETUP, seed=0)
+    try:
+        assert len(clips.batch(8, "fake", {"checker": 1.0, "flicker": 1.0, "stutter": 0.0, "tint": 1.0})) == 8
+        with pytest.raises(UserError, match=r"none of the 50 train clips of stutter \(fake\) decodes"):
+            clips.batch(1, "fake", {"checker": 0.0, "flicker": 0.0, "stutter": 1.0, "tint": 0.0})
+        assert clips.skipped == 100  # two passes' worth: every clip was tried
+    finally:
+        clips.close()

@@ -321,24 +321,26 @@ class TrainClips:
         self.ahead[key].put((row, self.pool.submit(load_frames, self.setup, row)))
 
     def _take(self, key: tuple[str, str]):
-        while True:
+        for _ in range(2 * len(self.rows[key])):  # as many draws in a row always hold a whole pass
             row, fut = self.ahead[key].get()
             self._submit(key)
             try:
                 return row, fut.result()
             except BadVideo:
                 self.skipped += 1
+        raise UserError(f"none of the {len(self.rows[key])} train clips of {key[1]} ({key[0]}) decodes: check "
+                        f"the videos and run prepare.py again")
 
     def batch(self, n: int, label: str | None = None, weights: dict[str, float] | None = None):
         """n clips of `label`, or alternating real and fake (n even gives exactly half of each). Each clip's
         generator is drawn with `weights` {generator: weight} over the label's generators, by default in
         proportion to their clips (every clip equally likely)."""
+        w = {lab: [weights[g] if weights else len(self.rows[lab, g]) for g in self.generators[lab]]
+             for lab in ([label] if label else self.generators)}
         out = []
         for i in range(n):
             lab = label or ("real", "fake")[i % 2]
-            gens = self.generators[lab]
-            w = [weights[g] for g in gens] if weights else [len(self.rows[lab, g]) for g in gens]
-            out.append(self._take((lab, self.rng.choices(gens, w)[0])))
+            out.append(self._take((lab, self.rng.choices(self.generators[lab], w[lab])[0])))
         return out
 
     def close(self):
