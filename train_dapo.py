@@ -59,8 +59,9 @@ MAX_NEW_TOKENS = 64 if TINY else 750
 OVERLONG_WINDOW = 16 if TINY else 150  # soft overlong penalty ramps from max - window to max
 TEMPERATURE = 1.0  # sampling temperature; log-probs are divided by the same value
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # DAPO's decoupled clip range
-UPDATES_PER_BATCH = 3 if TINY else 2  # optimizer steps per rollout batch; > 1 adds one no-grad old-log-prob pass
-# (the tiny model's rollouts cost more than its updates: 3 narrowed val F1's spread over eight seeds, BENCHMARKS.md)
+UPDATES_PER_BATCH = 3 if TINY else 2  # optimizer steps per rollout batch; > 1 adds a no-grad old-log-prob pass
+# over all but the first one's rows (the tiny model's rollouts cost more than its updates: 3 narrowed val F1's
+# spread over eight seeds, BENCHMARKS.md)
 DYNAMIC_SAMPLING = True  # drop groups whose samples are all right or all wrong, draw more prompts
 MAX_DRAWS = 4  # prompt draws per step before going on with fewer groups
 FOCUS = 0.75  # share of the fake clips drawn by their generator's running rollout error, the rest evenly: a style

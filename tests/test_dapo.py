@@ -237,7 +237,6 @@ def test_every_update_on_a_rollout_batch_is_against_the_sampling_policy(td, monk
     monkeypatch.setattr(td, "UPDATES_PER_BATCH", 3)
     monkeypatch.setattr(td, "GROUP_SIZE", 4)
     monkeypatch.setattr(td, "GRAD_CLIP", float("inf"))
-    monkeypatch.setattr(td, "MICRO_BATCH_TOKENS", 700)  # micro-batches that cut across groups and mini-batches
     monkeypatch.setattr(td, "TRAIN_VISION", True)
     clips = dataset.TrainClips(td.SETUP, seed=0)
     drawn = clips.batch(3)
@@ -259,12 +258,15 @@ def test_every_update_on_a_rollout_batch_is_against_the_sampling_policy(td, monk
         model = get_peft_model(model, lora)
         return model, processor, [p for p in model.parameters() if p.requires_grad]
 
-    lr = 2.0
-    model, processor, params = policy()
-    td.update(model, torch.optim.SGD(params, lr=lr), processor, groups, {"step": 0})
-
     ref, processor, ref_params = policy()
     prompts, ids, mask, adv, prompt_of_row = td.collate(processor, groups)
+    # micro-batches of 2 rows, so that the no-grad pass and the steps are cut differently
+    monkeypatch.setattr(td, "MICRO_BATCH_TOKENS", prompts["input_ids"].shape[1] + 2 * ids.shape[1])
+    lr = 2.0
+    model, _, params = policy()
+    before = [p.detach().clone() for p in params]
+    td.update(model, torch.optim.SGD(params, lr=lr), processor, groups, {"step": 0})
+
     with torch.no_grad():
         sampler = engine.token_logprobs(ref, prompts, ids, prompt_of_row=prompt_of_row)
     ratios = []
@@ -278,11 +280,11 @@ def test_every_update_on_a_rollout_batch_is_against_the_sampling_policy(td, monk
                 p -= lr * p.grad
                 p.grad = None
         ratios.append(ratio[mask[rows] > 0].detach())
-    assert torch.equal(ratios[0], torch.ones_like(ratios[0]))
+    torch.testing.assert_close(ratios[0], torch.ones_like(ratios[0]))
     later = torch.cat(ratios[1:])
     assert ((later < 0.8) | (later > 1.28)).any() and (later - 1).abs().max() > 0.05  # steps that matter
-    for p, q in zip(params, ref_params):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    for p, q, w in zip(params, ref_params, before):  # the steps, up to fp32 rounding of differently cut sums
+        torch.testing.assert_close(p - w, q - w, rtol=1e-3, atol=1e-3 * (q - w).abs().max().item())
 
 
 def test_train_clips_name_a_generator_none_of_whose_clips_decodes(td, monkeypatch):
