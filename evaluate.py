@@ -1,6 +1,6 @@
 """The fixed evaluation.
 
-  uv run evaluate.py [--model DIR|HUB_ID] [--adapter DIR] [--split val|holdout|test|benchmark] [--limit N]
+  uv run evaluate.py [--model DIR|HUB_ID] [--adapter DIR] [--split val|holdout|wild|SPLIT] [--limit N]
                      [--mode think|no_think]
   uv run evaluate.py PATH        (a video file or a folder of videos: reasoning, verdict and P(fake) each)
 
@@ -13,18 +13,23 @@ from autobuster.cli import guarded
 
 
 def main(a):
-    from autobuster import evaluation
+    from autobuster import dataset, evaluation
     from autobuster.errors import UserError
     from autobuster.model import load
     from autobuster.profiles import active
     setup = active()
     setup.check_device()
-    model, processor = load(a.model or setup.model, a.adapter, four_bit=a.four_bit)
-    if a.path:
+    if a.path:  # every check that needs no model comes before the slow load
         p = Path(a.path)
         if not p.exists():
             raise UserError(f"{p} does not exist: give a video file or a folder of videos")
         paths = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
+        if not paths:
+            raise UserError(f"{p} holds no files: give a video file or a folder of videos")
+    elif a.split in dataset.EVAL_SETS:
+        dataset.read_eval_set(setup, a.split)
+    model, processor = load(a.model or setup.model, a.adapter, four_bit=a.four_bit)
+    if a.path:
         return evaluation.evaluate_videos(model, processor, setup, paths, a.mode)
     t0 = time.time()
     m, preds = evaluation.evaluate_model(model, processor, setup, a.split, a.limit, a.mode)
@@ -40,7 +45,9 @@ if __name__ == "__main__":
     p.add_argument("path", nargs="?", help="a video file or folder to score instead of a split")
     p.add_argument("--model", help="base model directory or hub id (default: the prepared profile's)")
     p.add_argument("--adapter", help="a peft LoRA adapter directory")
-    p.add_argument("--split", default="val", help="val (default), holdout, test or benchmark")
+    p.add_argument("--split", default="val",
+                   help="a pinned set: val (default; Bench id), holdout (Bench ood: unseen generators) or wild (Bench "
+                        "wild: in-the-wild generators); or a whole split of the manifest (id, ood, wild, test, ...)")
     p.add_argument("--limit", type=int, help="score only the first N clips")
     p.add_argument("--out", help="output folder (default evals/<split>-<time>; runs/ holds only the loop's record)")
     p.add_argument("--mode", choices=("think", "no_think"),

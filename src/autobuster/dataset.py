@@ -1,5 +1,5 @@
 """What clips exist and where their frames come from: the manifest, the pinned evaluation sets, the frame
-cache, the GenBuster download, custom folders, and the background loader that feeds training."""
+cache, custom folders, and the background loader that feeds training."""
 import hashlib
 import json
 import os
@@ -13,13 +13,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from .errors import UserError
-from .profiles import FRAMES, GENBUSTER_REPO, SAMPLE_FPS, Setup
+from .profiles import FRAMES, SAMPLE_FPS, Setup
 from .video import BadVideo, decode_clip, probe, sample_indices
 
-SPLITS = ("train", "test", "benchmark")
-EVAL_SOURCES = {"val": "test", "holdout": "benchmark"}  # pinned set -> split it is drawn from
+SPLITS = ("train", "test", "benchmark", "id", "ood", "wild")  # 2025 release: train/test/benchmark; Bench: id/ood/wild
+# pinned set -> the splits it may be drawn from, the first one present: val from Bench `id` (or the 2025 test split),
+# holdout from `ood` (unseen commercial generators; or benchmark), wild from `wild` (in-the-wild generators)
+EVAL_SETS = {"val": ("id", "test"), "holdout": ("ood", "benchmark"), "wild": ("wild",)}
 EVAL_SEED = 1234
-COLUMNS = ["id", "path", "split", "label", "generator", "fps", "frames", "width", "height", "duration", "status"]
+HEAD_BYTES = 1 << 20  # a clip's identity for the split-overlap check: its size and the hash of its first MiB
+COLUMNS = ["id", "path", "split", "label", "generator", "fps", "frames", "width", "height", "duration", "bytes",
+           "head", "status"]
 
 
 def workers() -> int:
@@ -41,24 +45,48 @@ def _label_dirs(split_dir: Path):
             yield "fake", rel[0] if len(rel) > 1 else "fake", f
 
 
+def split_dirs(folder: Path) -> dict[str, Path]:
+    """split -> folder for every `<split>/real` or `<split>/fake` in `folder` or up to two levels below it (an
+    archive may nest its splits under a top folder, and a prepared home holds one folder per archive)."""
+    level, candidates = [folder], [folder]
+    for _ in range(2):
+        level = [c for d in level for c in sorted(d.iterdir())
+                 if c.is_dir() and not c.name.startswith(".") and not c.name.endswith(".part")]
+        candidates += level
+    found = {}
+    for cand in candidates:
+        for s in SPLITS:
+            d = cand / s
+            if (d / "real").is_dir() or (d / "fake").is_dir():
+                if s in found:
+                    raise UserError(f"two folders hold a {s} split: {found[s]} and {d}; keep one")
+                found[s] = d
+    return found
+
+
 def resolve_source(folder: Path) -> Path:
-    """The folder whose layout scan() reads: `real/` + `fake/`, or train/test/benchmark splits of them
-    (GenBuster's archive may nest the splits one level down)."""
+    """The folder whose layout scan() reads: `real/` + `fake/` (here or one level down), or split folders of them
+    (train/test/benchmark, id/ood/wild)."""
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder: point --dataset at a folder with real/ and fake/ inside")
-    for cand in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
-        if (cand / "real").is_dir() or (cand / "fake").is_dir():
-            return cand
-        if any((cand / s / "real").is_dir() or (cand / s / "fake").is_dir() for s in SPLITS):
+    if plain(folder) or split_dirs(folder):
+        return folder
+    for cand in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if plain(cand):
             return cand
     raise UserError(f"{folder} has neither real/ and fake/ folders nor <split>/real, <split>/fake "
                     f"(splits: {', '.join(SPLITS)}); put real clips in real/ and generated ones in fake/")
 
 
+def plain(root: Path) -> bool:
+    """A plain `real/` + `fake/` folder, which scan() splits itself (no split folders)."""
+    return (root / "real").is_dir() or (root / "fake").is_dir()
+
+
 def scan(root: Path) -> list[dict]:
     """Rows for every file of a split layout, or of a plain `real/` + `fake/` folder split 80/20 by path hash."""
     rows = []
-    if (root / "real").is_dir() or (root / "fake").is_dir():
+    if plain(root):
         if not ((root / "real").is_dir() and (root / "fake").is_dir()):
             raise UserError(f"{root} needs both a real/ and a fake/ folder (fake/<generator>/ optional)")
         for label, gen, f in _label_dirs(root):
@@ -66,8 +94,8 @@ def scan(root: Path) -> list[dict]:
             bucket = int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) % 5  # stable under additions
             rows.append(dict(path=rel, split="test" if bucket == 0 else "train", label=label, generator=gen))
     else:
-        for split in SPLITS:
-            for label, gen, f in _label_dirs(root / split):
+        for split, d in split_dirs(root).items():
+            for label, gen, f in _label_dirs(d):
                 rows.append(dict(path=f.relative_to(root).as_posix(), split=split, label=label, generator=gen))
     if not rows:
         raise UserError(f"no files found under {root}")
@@ -76,15 +104,39 @@ def scan(root: Path) -> list[dict]:
     return rows
 
 
+def _head(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(HEAD_BYTES)).hexdigest()[:16]
+
+
 def _probe_row(row: dict, root: Path) -> dict:
+    path = root / row["path"]
+    row = {**row, "bytes": path.stat().st_size, "head": _head(path)}
     try:
-        info = probe(root / row["path"])
+        info = probe(path)
     except BadVideo as e:
         return {**row, "fps": 0.0, "frames": 0, "width": 0, "height": 0, "duration": 0.0, "status": str(e)}
     need = sample_indices(info.fps)[-1] + 1
     status = "ok" if info.frames >= need else (
         f"too short: {info.frames} frames at {info.fps:g} fps, need {need} for {FRAMES} at {SAMPLE_FPS:g} fps")
     return {**row, **vars(info), "status": status}
+
+
+def check_disjoint(df: pd.DataFrame, by_name: bool) -> None:
+    """Stop when one clip is in two splits: the same content (size + hash of the first MiB) or, where the dataset
+    names its splits, the same file name. A clip in train and in an evaluation set inflates every score."""
+    ok = df[df.status == "ok"].assign(name=lambda d: d.path.map(lambda p: Path(p).name))
+    for keys, what in ((["bytes", "head"], "the same content"), (["name"], "the same file name")):
+        if what.endswith("name") and not by_name:
+            continue
+        spread = ok.groupby(keys).split.transform("nunique")
+        clash = ok[spread > 1].sort_values(keys + ["split"])
+        if not clash.empty:
+            a = clash.iloc[0]
+            same = clash[(clash[keys] == a[keys]).all(axis=1)]
+            b, n = same[same.split != a.split].iloc[0], clash.groupby(keys).ngroups
+            raise UserError(f"{n} clip(s) are in two splits, e.g. {a.path} ({a.split}) and {b.path} ({b.split}) have "
+                            f"{what}: remove one copy and run prepare again")
 
 
 def build_manifest(source: Path, setup: Setup) -> pd.DataFrame:
@@ -95,6 +147,7 @@ def build_manifest(source: Path, setup: Setup) -> pd.DataFrame:
     df = pd.DataFrame(rows)[COLUMNS]
     if df["id"].duplicated().any():
         raise UserError(f"two files map to the same id (same name, different extension) under {source}")
+    check_disjoint(df, by_name=not plain(source))
     write_manifest(df, setup)
     return df
 
@@ -163,30 +216,48 @@ def cache_frames(setup: Setup, df: pd.DataFrame, ids, desc: str) -> dict[str, st
 # ---------------------------------------------------------------- pinned evaluation sets
 
 
-def _strata(df: pd.DataFrame, n: int, seed: int) -> list[tuple[list[str], int]]:
-    """(shuffled candidate ids, how many to take) per stratum: half real, half fake split evenly by generator."""
+def _strata(real: list[str], fakes: dict[str, list[str]], n: int, seed: int) -> list[tuple[list[str], int]]:
+    """(shuffled candidate ids, how many to take) per stratum: as many real as fake clips, up to n // 2 each, the
+    fake ones spread evenly over the generators (a generator short of clips leaves its share to the others)."""
     rng = random.Random(seed)
-    real = sorted(df[df.label == "real"].id)
-    gens = sorted(df[df.label == "fake"].generator.unique())
-    out = [(real, n // 2)]
-    for i, g in enumerate(gens):
-        out.append((sorted(df[(df.label == "fake") & (df.generator == g)].id),
-                    (n - n // 2) // len(gens) + (i < (n - n // 2) % len(gens))))
+    k = min(n // 2, len(real), sum(map(len, fakes.values())))
+    take, left = dict.fromkeys(fakes, 0), k
+    while left:
+        for g in sorted(fakes):
+            if left and take[g] < len(fakes[g]):
+                take[g], left = take[g] + 1, left - 1
+    out = [(sorted(real), k)] + [(sorted(fakes[g]), take[g]) for g in sorted(fakes)]
     for ids, _ in out:
         rng.shuffle(ids)
     return out
 
 
-def make_eval_set(setup: Setup, df: pd.DataFrame, name: str, n: int) -> dict | None:
-    """Pin `name` once: balanced, stratified by generator, fixed seed, only clips whose frames decode; cached."""
+def eval_split(df: pd.DataFrame, name: str) -> str | None:
+    """The split the pinned set `name` is drawn from: the first of EVAL_SETS[name] that this dataset has."""
+    return next((s for s in EVAL_SETS[name] if (df.split == s).any()), None)
+
+
+def make_eval_set(setup: Setup, df: pd.DataFrame, name: str, n: int, taken=frozenset(), origin: str = "") -> dict | None:
+    """Pin `name` once: balanced, stratified by generator, fixed seed, only clips whose frames decode; cached.
+    None when the dataset has no split for it. Clips in `taken` (other pinned sets) are never drawn again; a split
+    of fake clips only takes its real half from val's split, as the Bench's ACC_g pairs tracks with `id`'s reals."""
     path = setup.eval_set(name)
     if path.exists():
         return json.loads(path.read_text())
-    pool = df[(df.split == EVAL_SOURCES[name]) & (df.status == "ok")]
-    if pool.empty:
+    split = eval_split(df, name)
+    if split is None:
         return None
+    usable = df[(df.status == "ok") & ~df.id.isin(taken)]
+    pool = usable[usable.split == split]
+    real_from = split if (pool.label == "real").any() else eval_split(df, "val")
+    real = usable[(usable.split == real_from) & (usable.label == "real")]
+    fake = pool[pool.label == "fake"]
+    if real.empty or fake.empty:
+        raise UserError(f"cannot pin the {name} set: the {split} split has {len(real)} usable real and {len(fake)} "
+                        f"usable fake clips of {(df.split == split).sum()} files (see the status column of "
+                        f"{setup.manifest}); it needs both")
     chosen = []
-    for ids, k in _strata(pool, n, EVAL_SEED):
+    for ids, k in _strata(list(real.id), {g: list(d.id) for g, d in fake.groupby("generator")}, n, EVAL_SEED):
         got, pos = [], 0
         while len(got) < k and pos < len(ids):  # replace clips that fail to decode with the next candidates
             batch = ids[pos:pos + k - len(got)]
@@ -200,90 +271,47 @@ def make_eval_set(setup: Setup, df: pd.DataFrame, name: str, n: int) -> dict | N
         chosen += got
     write_manifest(df, setup)
     chosen.sort()
-    spec = dict(name=name, ids=chosen, pixel_cap=setup.settings.pixel_cap, frames=FRAMES, fps=SAMPLE_FPS,
-                seed=EVAL_SEED)
+    spec = dict(name=name, split=split, real_from=real_from, ids=chosen, pixel_cap=setup.settings.pixel_cap,
+                frames=FRAMES, fps=SAMPLE_FPS, seed=EVAL_SEED, **({"origin": origin} if origin else {}))
     spec["fingerprint"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=1))
     return spec
 
 
+def describe(spec: dict, df: pd.DataFrame) -> str:
+    """One line per pinned set: where it comes from, clips per label and generator, fingerprint."""
+    rows = df.set_index("id").loc[spec["ids"]]
+    fake = rows[rows.label == "fake"].generator.value_counts().sort_index()
+    split, real_from = spec.get("split", "?"), spec.get("real_from")
+    borrowed = f" from {real_from}" if real_from and real_from != split else ""
+    return (f"{spec['name']}: {len(rows)} clips from {split} (real {(rows.label == 'real').sum()}{borrowed}; fake "
+            f"{len(rows) - (rows.label == 'real').sum()}: {', '.join(f'{g} {c}' for g, c in fake.items())}), "
+            f"fingerprint {spec['fingerprint']}")
+
+
+def read_eval_set(setup: Setup, name: str) -> dict:
+    if not setup.eval_set(name).exists():
+        raise UserError(f"this dataset has no pinned {name} set (it is drawn from a {' or '.join(EVAL_SETS[name])} "
+                        "split): run `uv run prepare.py` on a dataset that has one")
+    return json.loads(setup.eval_set(name).read_text())
+
+
 def eval_clips(setup: Setup, split: str, limit: int | None = None) -> tuple[pd.DataFrame, str]:
-    """Rows of a pinned set (val, holdout) or of a whole split (test, benchmark), and the set's fingerprint."""
+    """Rows of a pinned set (val, holdout, wild) or of a whole split (test, ood, ...), and the set's fingerprint."""
     df = read_manifest(setup)
-    if split in EVAL_SOURCES:
-        if not setup.eval_set(split).exists():
-            raise UserError(f"this dataset has no pinned {split} set (it needs a {EVAL_SOURCES[split]} split)")
-        spec = json.loads(setup.eval_set(split).read_text())
+    if split in EVAL_SETS:
+        spec = read_eval_set(setup, split)
         rows, fp = df.set_index("id", drop=False).loc[spec["ids"]].reset_index(drop=True), spec["fingerprint"]
-    elif split in SPLITS:
+    elif split in set(df.split):
         rows = df[(df.split == split) & (df.status == "ok")].reset_index(drop=True)
         fp = hashlib.sha256(",".join(rows.id).encode()).hexdigest()[:16]
     else:
-        raise UserError(f"unknown split {split!r}: use val, holdout, {', '.join(SPLITS)}")
+        raise UserError(f"unknown split {split!r}: use {', '.join(EVAL_SETS)} or a split of this dataset "
+                        f"({', '.join(s for s in SPLITS if s in set(df.split))})")
     if limit:  # the first clips of each label in turn: a short check sees both classes
         rows = rows.iloc[rows.groupby("label").cumcount().argsort(kind="stable")].head(limit).reset_index(drop=True)
     return rows, fp
-
-
-# ---------------------------------------------------------------- GenBuster download
-
-
-def hub_files(repo: str) -> dict[str, tuple[int, str | None]]:
-    """{file: (size, sha256 or None)} as the hub reports them (a network call)."""
-    from huggingface_hub import HfApi
-    info = HfApi().dataset_info(repo, files_metadata=True)
-    return {s.rfilename: (s.size, s.lfs.sha256 if s.lfs else None) for s in info.siblings}
-
-
-def snapshot(repo: str, local_dir: Path) -> Path:
-    """The resumable download itself (a network call)."""
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(repo_id=repo, repo_type="dataset", local_dir=local_dir))
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download_genbuster(setup: Setup) -> Path:
-    """Download (resumable), verify sizes and hashes against the hub, extract the 7z archive(s); idempotent."""
-    try:
-        expected = hub_files(GENBUSTER_REPO)
-        local = snapshot(GENBUSTER_REPO, setup.path("download"))
-    except Exception as e:  # network, auth and hub errors all end here with one line
-        raise UserError(f"cannot download {GENBUSTER_REPO}: {str(e).splitlines()[0]} "
-                        "(check the network, or set HF_TOKEN if the dataset asks for it)") from None
-    archives = sorted(f for f in expected if f.endswith(".7z"))
-    if not archives:
-        raise UserError(f"{GENBUSTER_REPO} lists no .7z archive; the hub layout changed")
-    for name in archives:
-        size, digest = expected[name]
-        f = local / name
-        if not f.exists() or f.stat().st_size != size or (digest and sha256(f) != digest):
-            raise UserError(f"{name} is incomplete or corrupt after download: delete {f} and run prepare again")
-        extract(f, setup.videos)
-    return setup.videos
-
-
-def extract(archive: Path, target: Path) -> None:
-    """Extract with py7zr, refusing any member that would land outside `target`; skipped when already done."""
-    import py7zr
-    done = target / f".extracted-{archive.name}"
-    if done.exists():
-        return
-    target.mkdir(parents=True, exist_ok=True)
-    with py7zr.SevenZipFile(archive) as z:
-        for name in z.getnames():
-            dest = (target / name).resolve()
-            if not dest.is_relative_to(target.resolve()):
-                raise UserError(f"{archive.name} holds an unsafe path {name!r}; refusing to extract")
-        z.extractall(path=target)
-    done.touch()
 
 
 # ---------------------------------------------------------------- training clips

@@ -7,6 +7,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import engine, metrics
+from .errors import UserError
 from .model import chat_text, encode
 from .prompt import parse_answer, thinks
 
@@ -153,3 +154,6 @@ def evaluate_videos(model, processor, setup, paths: list[Path], mode: str | None
                     setup.settings.pixel_cap, 1, max_new_tokens(setup, mode), desc=path.name, mode=mode)[0]
         print(f"== {path}\n{p['response']}\nverdict: {p['prediction']}  p_fake: {p['p_fake']:.4f}")
     print(f"{len(paths) - skipped} videos scored, {skipped} skipped")
+    if skipped == len(paths):
+        raise UserError(f"no video could be scored: {'the file' if len(paths) == 1 else f'all {len(paths)} files'} "
+                        "failed to decode (reasons above); give mp4 clips of at least 4 s")

@@ -1,4 +1,4 @@
-"""Package the best kept run: holdout evaluation, LoRA merged into the base, a Hugging Face model directory
+"""Package the best kept run: holdout and wild evaluation, LoRA merged into the base, a Hugging Face model directory
 (safetensors, config, processor, greedy generation config) with a model card carrying the metrics."""
 import json
 import re
@@ -9,6 +9,9 @@ from pathlib import Path
 from .errors import UserError
 from .loop import TRAIN_FILE, Workspace
 from .profiles import active
+
+
+TITLES = {"holdout": "Holdout: unseen generators", "wild": "Wild: in-the-wild generators"}
 
 
 def pick_run(ws: Workspace, run_id: str | None) -> dict:
@@ -53,10 +56,9 @@ def export(run_id: str | None = None, out: str | None = None, adapter_only: bool
         raise UserError(f"{out} exists already: remove it or pass --out")
     val = json.loads((run_dir / "metrics.json").read_text())
     model, processor = load(setup.model, str(run_dir / "adapter"))  # merged into the base weights
-    try:
-        holdout = evaluation.evaluate_model(model, processor, setup, "holdout")[0]
-    except UserError:  # a custom dataset without a benchmark split has no holdout
-        holdout = None
+    # the pinned sets the model never saw chosen on: unseen generators, in-the-wild ones (where the data has them)
+    scored = {name: evaluation.evaluate_model(model, processor, setup, name)[0]
+              for name in ("holdout", "wild") if setup.eval_set(name).exists()}
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter_only:
@@ -68,8 +70,8 @@ def export(run_id: str | None = None, out: str | None = None, adapter_only: bool
                                        pad_token_id=processor.tokenizer.pad_token_id)
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-    if holdout:
-        (tmp / "holdout_metrics.json").write_text(json.dumps(holdout, indent=2))
+    for name, m in scored.items():
+        (tmp / f"{name}_metrics.json").write_text(json.dumps(m, indent=2))
     (tmp / "val_metrics.json").write_text(json.dumps(val, indent=2))
     source = ws.repo.git.show(f"{run['commit_full']}:{TRAIN_FILE}")
     card = [f"# autobuster detector ({run['run_id']})", "",
@@ -79,12 +81,11 @@ def export(run_id: str | None = None, out: str | None = None, adapter_only: bool
             "Ask it with the BusterX++ prompt and one video of 16 frames at 4 fps; it answers "
             "`<think>...</think><answer>A|B</answer>` (A real, B fake).", "",
             f"## Validation (pinned set {val.get('fingerprint')}, {val['n']} clips)", "", table(val), ""]
-    if holdout:
-        card += [f"## Holdout: unseen generators (set {holdout['fingerprint']}, {holdout['n']} clips)", "",
-                 table(holdout), ""]
+    for name, m in scored.items():
+        card += [f"## {TITLES[name]} (set {m['fingerprint']}, {m['n']} clips)", "", table(m), ""]
     card += ["## Training constants", "", "```python", constants(source), "```", ""]
     (tmp / "README.md").write_text("\n".join(card))
     tmp.replace(out)
     print(f"exported {run['run_id']} (val f1 {val['f1']:.4f}"
-          + (f", holdout f1 {holdout['f1']:.4f}" if holdout else "") + f") to {out}")
+          + "".join(f", {name} f1 {m['f1']:.4f}" for name, m in scored.items()) + f") to {out}")
     return out

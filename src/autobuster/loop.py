@@ -12,7 +12,7 @@ from pathlib import Path
 import git
 import pandas as pd
 
-from . import metrics
+from . import dataset, metrics
 from .errors import UserError
 from .profiles import active, home
 
@@ -110,7 +110,7 @@ def init(tag: str, ws: Workspace | None = None) -> None:
     ws = ws or Workspace()
     branch = _check_new(ws, tag)
     setup = active()
-    val = json.loads(setup.eval_set("val").read_text())
+    val = dataset.read_eval_set(setup, "val")
     ws.repo.create_head(branch).checkout()
     ws.state_file.parent.mkdir(exist_ok=True)
     (ws.state_file.parent / ".gitignore").write_text("*\n")
@@ -296,6 +296,12 @@ def run(description: str, budget: int | None = None, long: bool = False, gpus: s
     if ws.repo.active_branch.name != state["branch"]:
         raise UserError(f"on branch {ws.repo.active_branch.name}, not {state['branch']}: git checkout {state['branch']}")
     check_fixed(ws, state)
+    setup = active()
+    val = dataset.read_eval_set(setup, "val")
+    if val["fingerprint"] != state["val_fingerprint"]:
+        raise UserError(f"the prepared val set ({val['fingerprint']}) is not the one this loop started with "
+                        f"({state['val_fingerprint']}): its scores would not compare; start a new loop with "
+                        "`uv run autobuster init <tag>`, or set AUTOBUSTER_HOME back to the dataset it was run on")
     n_gpus = processes(gpus, ws)
     best = ws.best_kept()
     kept = ws.last_kept_commit()
@@ -307,7 +313,6 @@ def run(description: str, budget: int | None = None, long: bool = False, gpus: s
     lock = dict(run_id=run_id, commit=commit, kept=kept if not long else commit, description=description,
                 pid=os.getpid(), started=time.time())
     ws.lock.write_text(json.dumps(lock))
-    setup = active()
     seconds = setup.time_budget if budget is None else budget
     limit = seconds + ALLOWANCE.get(setup.profile, 3600)
     print(f"run {run_id}: profile {setup.profile} (AUTOBUSTER_HOME={home()}), "

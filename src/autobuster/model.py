@@ -1,4 +1,4 @@
-"""Loading the policy: a Qwen2.5-VL directory or hub id, bf16 or 4-bit NF4, an optional peft adapter; and
+"""Loading the policy: a Qwen2.5-VL directory or hub id (from the Hugging Face cache), bf16 or 4-bit NF4, an optional peft adapter; and
 turning clips into model inputs (one video per clip, 4 fps metadata)."""
 import logging
 
@@ -9,6 +9,7 @@ from packaging.version import Version
 from transformers import AutoProcessor, BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
 
 from .errors import UserError
+from .hub import resolve_model
 from .profiles import FRAMES, MIN_PIXELS, SAMPLE_FPS
 from .prompt import messages, prompt_for
 
@@ -37,6 +38,7 @@ def nf4(dtype: torch.dtype) -> BitsAndBytesConfig:
 def load(path: str, adapter: str | None = None, four_bit: bool = False, device: torch.device | None = None):
     """(model, processor). bf16 on GPU, fp32 on CPU, NF4 base weights with `four_bit`."""
     check_transformers()
+    path = resolve_model(path)  # a hub id comes from the Hugging Face cache that prepare filled: no network
     device = device or default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     quant = nf4(dtype) if four_bit else None

@@ -1,40 +1,58 @@
-"""prepare.py's work: get the data, build the manifest, pin the evaluation sets, fill the frame cache, and
-(tiny profile) build and warm-start the tiny model. Every step is idempotent and resumable."""
+"""prepare.py's work: get the data and the base model, build the manifest, pin the evaluation sets, fill the frame
+cache, and (tiny profile) build and warm-start the tiny model. Every step is idempotent and resumable."""
 import re
 import time
 from pathlib import Path
 
-from . import dataset, synthetic, tiny
-from .profiles import Setup, get_profile, home, save_active
+from huggingface_hub import constants
+
+from . import dataset, hub, synthetic, tiny
+from .errors import UserError
+from .profiles import FRAMES, Setup, get_profile, home, save_active
 
 WARM_START_STEPS = 800  # ~2 minutes on 2 CPU cores
 
 
-def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, model: str | None = None) -> Setup:
+def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, model: str | None = None,
+            keep_archives: bool = False, train_revision: str | None = None,
+            bench_revision: str | None = None) -> Setup:
     prof = get_profile(profile_name)
     t0 = time.time()
+    base = model or prof.model  # "" for the tiny model, which is built below
+    required = ["val"]  # pinned sets this data must yield
     if dataset_dir:
         folder = Path(dataset_dir).expanduser().resolve()
         source = dataset.resolve_source(folder)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name).strip("-") or "dataset"
         root = home() / f"custom-{slug}-{prof.name}"
+        fetch_model(base, [])
     elif prof.name == "tiny":
         root = home() / "tiny"
         synthetic.build(root / "videos")
         source = root / "videos"
+        required.append("holdout")
+        fetch_model(base, [])
     else:
         root = home() / "genbuster"
         root.mkdir(parents=True, exist_ok=True)
-        videos = dataset.download_genbuster(Setup(prof.name, str(root), str(root / "videos"), ""))
-        source = dataset.resolve_source(videos)
+        source, required = fetch_genbuster(root, prof, base, keep_archives, train_revision or hub.TRAIN_REVISION,
+                                           bench_revision or hub.BENCH_REVISION)
     root.mkdir(parents=True, exist_ok=True)
-    setup = Setup(prof.name, str(root), str(source), model or prof.model or str(root / "model"))
+    setup = Setup(prof.name, str(root), str(source), base or str(root / "model"))
 
     df = dataset.read_manifest(setup) if setup.manifest.exists() else dataset.build_manifest(source, setup)
-    for name, n in (("val", prof.val_size), ("holdout", prof.holdout_size)):
-        spec = dataset.make_eval_set(setup, df, name, n)
-        print(f"{name}: {len(spec['ids'])} clips, fingerprint {spec['fingerprint']}" if spec
-              else f"{name}: none (no {dataset.EVAL_SOURCES[name]} split in this dataset)")
+    origin = ", ".join(f"{e['repo']}@{e['revision'][:12]}" for e in hub.read_record(root).values())
+    taken = set()
+    for name in dataset.EVAL_SETS:
+        spec = dataset.make_eval_set(setup, df, name, getattr(prof, f"{name}_size"), taken, origin)
+        if spec:
+            taken.update(spec["ids"])
+            print(dataset.describe(spec, df))
+        elif name in required:
+            raise UserError(f"no {name} set: {source} has no {' or '.join(dataset.EVAL_SETS[name])} split "
+                            "with real/ and fake/ clips")
+        else:
+            print(f"{name}: none (no {' or '.join(dataset.EVAL_SETS[name])} split in this dataset)")
     if prof.cache_train:
         train = df[(df.split == "train") & (df.status == "ok")].id
         for cid, status in dataset.cache_frames(setup, df, train, "train frames").items():
@@ -48,6 +66,47 @@ def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, mod
     save_active(setup)
     print(f"prepared profile {prof.name} in {time.time() - t0:.0f}s: data {source}, model {setup.model}")
     return setup
+
+
+def clip_bytes(prof) -> int:
+    """Disk per cached clip: 16 uint8 RGB frames at the pixel cap."""
+    return FRAMES * prof.pixel_cap * 3
+
+
+def fetch_model(base: str, needs: list) -> None:
+    """Check the disk for the base model and everything in `needs`, then fetch the model into the Hugging Face
+    cache now, so that training and evaluation never depend on the network."""
+    if base and not hub.cached_model(base):
+        if hub.offline():
+            hub.resolve_model(base)  # raises the one-line reason
+        try:
+            size = hub.model_sizes(base)
+        except Exception as e:  # network, auth and hub errors all end here with one line
+            raise hub.hub_error(f"the model {base}", f"https://huggingface.co/{base}", e) from None
+        needs = needs + [(Path(constants.HF_HUB_CACHE), size, "model weights")]
+    hub.check_disk(needs)
+    if base:
+        print(f"base model {base}: {hub.resolve_model(base)}")
+
+
+def fetch_genbuster(root: Path, prof, base: str, keep_archives: bool, train_revision: str,
+                    bench_revision: str) -> tuple[Path, list[str]]:
+    """GenBuster-200K-mini (train) and GenBuster-Bench (id / ood / wild) at their pinned revisions, extracted under
+    root/videos; the 2025 release of the mini (one 7z with train / test / benchmark) needs no Bench. Returns the
+    videos folder and the pinned sets this data must yield."""
+    videos = root / "videos"
+    train = hub.plan(hub.Source(hub.TRAIN_REPO, train_revision), root)
+    old = (any(a.endswith(".7z") for a in train.archives) if not train.done else
+           "test" in dataset.split_dirs(videos / train.src.name))
+    plans = [train] if old else [train, hub.plan(hub.Source(hub.BENCH_REPO, bench_revision), root)]
+    n_eval = 0 if (root / "eval").exists() else prof.val_size + prof.holdout_size + (0 if old else prof.wild_size)
+    needs = [(root, sum(p.bytes_to_fetch() for p in plans), "archives"),
+             (root, sum(p.bytes_extracted() for p in plans), "extracted clips"),
+             (root, n_eval * clip_bytes(prof), "frame cache")]
+    fetch_model(base, needs)
+    for p in plans:
+        hub.fetch(p, root, keep_archives)
+    return videos, ["val", "holdout"] if old else list(dataset.EVAL_SETS)
 
 
 def build_tiny_model(setup: Setup) -> None:

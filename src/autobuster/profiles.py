@@ -12,7 +12,6 @@ from .errors import UserError
 FRAMES = 16  # frames per clip
 SAMPLE_FPS = 4.0  # sampling rate: 16 frames cover 4 s
 MIN_PIXELS = 56 * 56  # smallest frame the processors accept
-GENBUSTER_REPO = "l8cv/GenBuster-200K-mini"
 
 
 def home() -> Path:
@@ -25,8 +24,9 @@ class Profile:
     model: str  # base model: hub id or local directory ("" = the tiny model built by prepare)
     pixel_cap: int  # max pixels per frame after smart resize (448² -> 2,048 video tokens for 16 frames)
     time_budget: int  # training seconds per experiment (rollouts + updates)
-    val_size: int  # pinned val set, drawn from test
-    holdout_size: int  # pinned holdout set, drawn from benchmark (unseen generators)
+    val_size: int  # pinned val set, drawn from Bench `id` (or a test split)
+    holdout_size: int  # pinned holdout set, drawn from Bench `ood` (or benchmark): unseen generators
+    wild_size: int  # pinned wild set, drawn from Bench `wild`: in-the-wild generators
     eval_batch: int  # clips per batched greedy evaluation
     eval_max_new_tokens: int  # evaluation decoding length
     cache_train: bool  # decode train clips to disk once (needs ~9.6 MB per clip at 448²)
@@ -34,9 +34,9 @@ class Profile:
 
 
 PROFILES = {
-    "genbuster": Profile("genbuster", "Qwen/Qwen2.5-VL-7B-Instruct", 448 * 448, 20 * 60, 400, 400, 16, 1024,
+    "genbuster": Profile("genbuster", "Qwen/Qwen2.5-VL-7B-Instruct", 448 * 448, 20 * 60, 400, 400, 400, 16, 1024,
                          cache_train=False, needs_cuda=True),
-    "tiny": Profile("tiny", "", 56 * 56, 300, 160, 120, 64, 64, cache_train=True, needs_cuda=False),
+    "tiny": Profile("tiny", "", 56 * 56, 300, 160, 120, 120, 64, 64, cache_train=True, needs_cuda=False),
 }
 
 
@@ -106,7 +106,7 @@ def active() -> Setup:
     f = home() / "active.json"
     if not f.exists():
         raise UserError(f"no prepared dataset under {home()}: run `uv run prepare.py --profile tiny` "
-                        "(offline, CPU) or `uv run prepare.py` (GenBuster-200K-mini, GPU) first")
+                        "(offline, CPU) or `uv run prepare.py` (GenBuster-200K-mini + GenBuster-Bench, GPU) first")
     here = str(home().resolve())
     return Setup(**{k: here + v[len(HOME_MARK):] if v.startswith(HOME_MARK) else v
                     for k, v in json.loads(f.read_text()).items()})
