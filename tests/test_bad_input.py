@@ -1,4 +1,5 @@
 """Every bad input gets one clear line and the rest of the work goes on."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,38 @@ def test_cli_prints_one_line_not_a_traceback(args, message, tmp_path):
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def one_error_line(r, message):
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_a_dataset_without_a_val_set_gives_one_line(tmp_path, monkeypatch):
+    """evaluate.py and `autobuster init` on a prepared dataset whose val set is missing."""
+    from autobuster.demo import scratch_copy
+    home = tmp_path / "home"
+    monkeypatch.setenv("AUTOBUSTER_HOME", str(home))
+    profiles.save_active(profiles.Setup("tiny", str(home / "x"), str(home / "x"), str(home / "model")))
+    env = {**os.environ, "AUTOBUSTER_HOME": str(home)}
+    r = subprocess.run([sys.executable, "evaluate.py", "--split", "val"], cwd=ROOT, capture_output=True, text=True,
+                       env=env)
+    one_error_line(r, "no pinned val set")
+    scratch_copy(ROOT, tmp_path / "ws")
+    r = subprocess.run([sys.executable, "-m", "autobuster.cli", "init", "t"], cwd=tmp_path / "ws",
+                       capture_output=True, text=True, env=env)
+    one_error_line(r, "no pinned val set")
+
+
+def test_evaluate_on_files_that_cannot_be_scored_fails(tiny_home, tmp_path):
+    """A folder (or one file) of which no video decodes: the skipped lines, then one error, exit 2."""
+    env = {**os.environ, "AUTOBUSTER_HOME": tiny_home}
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "empty.mp4").write_bytes(b"")
+    clip(tmp_path / "bad" / "short.mp4", n=40)
+    for target in (tmp_path / "bad", tmp_path / "bad" / "empty.mp4"):
+        r = subprocess.run([sys.executable, "evaluate.py", str(target)], cwd=ROOT, capture_output=True, text=True,
+                           env=env)
+        one_error_line(r, "no video could be scored")
+        assert "skipped" in r.stdout

@@ -328,8 +328,8 @@ def test_a_track_of_fakes_only_takes_its_reals_from_id(archives, home, tmp_path,
 
 def test_hub_errors_are_one_line(home, tmp_path, monkeypatch):
     serve(monkeypatch, {})
-    for error, message in ((Exception(""), "Exception"),
-                           (GatedRepoError("401 Client Error", response=SimpleNamespace(headers={}, status_code=401, request=None)), "HF_TOKEN")):
+    gated = GatedRepoError("401 Client Error", response=SimpleNamespace(headers={}, status_code=401, request=None))
+    for error, message in ((Exception(""), "Exception"), (gated, "HF_TOKEN")):
         monkeypatch.setattr(hub, "hub_files", lambda src, e=error: (_ for _ in ()).throw(e))
         with pytest.raises(UserError, match=message) as got:
             preparation.prepare("genbuster", model=model_dir(tmp_path))
@@ -350,8 +350,8 @@ def test_wild_is_scored_by_evaluate(archives, tiny_home, tmp_path):
     """evaluate.py --split wild on the Bench's layout (tiny profile: CPU, the tiny model)."""
     env = {**os.environ, "AUTOBUSTER_HOME": str(tmp_path / "home")}
     model = str(Path(tiny_home) / "tiny" / "model")
-    run = [sys.executable, "prepare.py", "--profile", "tiny", "--dataset", str(archives["bench_tree"]), "--model", model]
-    r = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "prepare.py", "--profile", "tiny", "--dataset", str(archives["bench_tree"]),
+                        "--model", model], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "wild: 4 clips from wild (real 2; fake 2: wan2.6 2)" in r.stdout
     r = subprocess.run([sys.executable, "evaluate.py", "--split", "wild", "--out", str(tmp_path / "ev")], cwd=ROOT,

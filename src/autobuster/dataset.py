@@ -237,7 +237,8 @@ def eval_split(df: pd.DataFrame, name: str) -> str | None:
     return next((s for s in EVAL_SETS[name] if (df.split == s).any()), None)
 
 
-def make_eval_set(setup: Setup, df: pd.DataFrame, name: str, n: int, taken=frozenset(), origin: str = "") -> dict | None:
+def make_eval_set(setup: Setup, df: pd.DataFrame, name: str, n: int, taken=frozenset(),
+                  origin: str = "") -> dict | None:
     """Pin `name` once: balanced, stratified by generator, fixed seed, only clips whose frames decode; cached.
     None when the dataset has no split for it. Clips in `taken` (other pinned sets) are never drawn again; a split
     of fake clips only takes its real half from val's split, as the Bench's ACC_g pairs tracks with `id`'s reals."""

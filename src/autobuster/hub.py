@@ -203,7 +203,7 @@ class Plan:
 
     @property
     def archives(self) -> list[str]:
-        return sorted(self.local or self.remote)
+        return sorted({**self.local, **self.remote})
 
     def bytes_to_fetch(self) -> int:
         return sum(size for size, _ in self.remote.values())
@@ -224,11 +224,14 @@ def plan(src: Source, root: Path) -> Plan:
         write_record(root, record)
     if extracted:
         return Plan(src, True, {}, {})
+    local, listed = {}, record.get(src.name, {}).get("files", {})  # the hub's list, once it was asked
     for folder in (src.download_dir(root), cached_snapshot(src.repo, src.revision)):
         if folder and folder.is_dir():
             local = {f.name: f for f in sorted(folder.iterdir()) if f.suffix in ARCHIVES}
             if local:
-                return Plan(src, False, local, {})
+                break
+    if local and set(listed) <= set(local):
+        return Plan(src, False, local, {})
     if offline():
         raise UserError(f"{src.repo} at revision {src.revision[:12]} is not here and the hub is offline "
                         f"(HF_HUB_OFFLINE=1): run prepare once with network, or `hf download {src.repo} --repo-type "
@@ -239,12 +242,13 @@ def plan(src: Source, root: Path) -> Plan:
     except Exception as e:  # network, auth and hub errors all end here with one line
         raise hub_error(src.repo, src.page, e) from None
     remote = {f: v for f, v in files.items() if Path(f).suffix in ARCHIVES}
+    record.setdefault(src.name, dict(repo=src.repo, revision=src.revision))["files"] = {
+        f: list(v) for f, v in remote.items()}
+    write_record(root, record)
     if not remote:
         raise UserError(f"{src.repo} at revision {src.revision[:12]} holds no .zip or .7z archive "
                         f"(files: {', '.join(sorted(files)) or 'none'}); the hub layout changed")
-    record[src.name] = dict(repo=src.repo, revision=src.revision, files={f: list(v) for f, v in remote.items()})
-    write_record(root, record)
-    return Plan(src, False, {}, remote)
+    return Plan(src, False, local, {f: v for f, v in remote.items() if f not in local})  # resume a partial set
 
 
 def _expected(root: Path, src: Source, name: str, path: Path) -> tuple[int | None, str | None]:

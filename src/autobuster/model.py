@@ -1,5 +1,5 @@
-"""Loading the policy: a Qwen2.5-VL directory or hub id (from the Hugging Face cache), bf16 or 4-bit NF4, an optional peft adapter; and
-turning clips into model inputs (one video per clip, 4 fps metadata)."""
+"""Loading the policy: a Qwen2.5-VL directory or hub id (from the Hugging Face cache), bf16 or 4-bit NF4, an
+optional peft adapter; and turning clips into model inputs (one video per clip, 4 fps metadata)."""
 import logging
 
 import numpy as np

@@ -134,7 +134,8 @@ def build(root: Path, workers: int = 2) -> None:
         for style, folder, n in groups:
             for i in range(n):
                 seed += 1
-                jobs.append((str(folder / f"{style}_{i:04d}.mp4"), style, seed))
+                # names unique across splits, as GenBuster's are (prepare refuses a file name in two splits)
+                jobs.append((str(folder / f"{split}_{style}_{i:04d}.mp4"), style, seed))
     for attempt in range(1, 4):
         todo = [j for j in jobs if not Path(j[0]).exists()]
         if not todo or make_clips(todo, workers, attempt):
@@ -143,5 +144,5 @@ def build(root: Path, workers: int = 2) -> None:
         raise RuntimeError("synthetic clip workers kept dying or stalling; run prepare again to resume")
     broken = root / "train" / "real"
     (broken / "broken_empty.mp4").write_bytes(b"")
-    good = (broken / "real_0000.mp4").read_bytes()
+    good = (broken / "train_real_0000.mp4").read_bytes()
     (broken / "broken_truncated.mp4").write_bytes(good[: len(good) // 3])
