@@ -15,16 +15,16 @@ from autobuster.video import BadVideo, decode_clip
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def clip(path, n=100, fps=24):
-    write_mp4(path, np.random.default_rng(0).integers(0, 255, (n, 112, 112, 3), dtype=np.uint8), fps, False)
+def clip(path, n=100, fps=24, seed=0):
+    write_mp4(path, np.random.default_rng(seed).integers(0, 255, (n, 112, 112, 3), dtype=np.uint8), fps, False)
 
 
 @pytest.fixture
 def custom(tmp_path):
     d = tmp_path / "mine"
-    for i in range(6):
-        clip(d / "real" / f"r{i}.mp4")
-        clip(d / "fake" / "gen1" / f"f{i}.mp4")
+    for i in range(6):  # distinct clips: the same content in train and test is refused
+        clip(d / "real" / f"r{i}.mp4", seed=i)
+        clip(d / "fake" / "gen1" / f"f{i}.mp4", seed=10 + i)
     (d / "real" / "empty.mp4").write_bytes(b"")
     good = (d / "real" / "r0.mp4").read_bytes()
     (d / "real" / "corrupt.mp4").write_bytes(good[:200] + b"\x00" * 300)
@@ -97,6 +97,7 @@ def test_genbuster_without_cuda(monkeypatch):
 @pytest.mark.parametrize("args,message", [
     (["prepare.py", "--profile", "huge"], "unknown profile"),
     (["prepare.py", "--dataset", "/nonexistent/folder"], "not a folder"),
+    (["prepare.py", "--profile", "tiny", "--model", "/nonexistent/model"], "no model directory at /nonexistent/model"),
 ])
 def test_cli_prints_one_line_not_a_traceback(args, message, tmp_path):
     r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,

@@ -115,11 +115,8 @@ def cached_model(model: str) -> Path | None:
     return snap if snap and (snap / "config.json").exists() and any(snap.glob("*.safetensors")) else None
 
 
-def resolve_model(model: str) -> str:
-    """A local directory for `model`: as is, from the Hugging Face cache, or downloaded there now."""
-    local = cached_model(model)
-    if local:
-        return str(local)
+def check_fetchable(model: str) -> None:
+    """Raise the one-line reason when `model`, not here, cannot be downloaded either (a path, or offline)."""
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", model) or model.startswith("."):
         raise UserError(f"no model directory at {model}: give a local Qwen2.5-VL directory or a hub id such as "
                         "Qwen/Qwen2.5-VL-7B-Instruct")
@@ -127,6 +124,14 @@ def resolve_model(model: str) -> str:
         raise UserError(f"the base model {model} is not in the Hugging Face cache and the hub is offline "
                         f"(HF_HUB_OFFLINE=1): run `uv run prepare.py` once with network, `hf download {model}`, or "
                         "pass --model with a local Qwen2.5-VL directory")
+
+
+def resolve_model(model: str) -> str:
+    """A local directory for `model`: as is, from the Hugging Face cache, or downloaded there now."""
+    local = cached_model(model)
+    if local:
+        return str(local)
+    check_fetchable(model)
     try:
         return str(download_model(model))
     except Exception as e:  # network, auth and hub errors all end here with one line

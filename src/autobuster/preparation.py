@@ -27,11 +27,11 @@ def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, mod
         root = home() / f"custom-{slug}-{prof.name}"
         fetch_model(base, [])
     elif prof.name == "tiny":
+        fetch_model(base, [])
         root = home() / "tiny"
         synthetic.build(root / "videos")
         source = root / "videos"
         required.append("holdout")
-        fetch_model(base, [])
     else:
         root = home() / "genbuster"
         root.mkdir(parents=True, exist_ok=True)
@@ -77,8 +77,7 @@ def fetch_model(base: str, needs: list) -> None:
     """Check the disk for the base model and everything in `needs`, then fetch the model into the Hugging Face
     cache now, so that training and evaluation never depend on the network."""
     if base and not hub.cached_model(base):
-        if hub.offline():
-            hub.resolve_model(base)  # raises the one-line reason
+        hub.check_fetchable(base)
         try:
             size = hub.model_sizes(base)
         except Exception as e:  # network, auth and hub errors all end here with one line
