@@ -26,8 +26,8 @@ def main(a):
         paths = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")) if p.is_dir() else [p]
         if not paths:
             raise UserError(f"{p} holds no files: give a video file or a folder of videos")
-    elif a.split in dataset.EVAL_SETS:
-        dataset.read_eval_set(setup, a.split)
+    else:
+        dataset.eval_clips(setup, a.split, a.limit)  # an unknown split or a missing pinned set: one line, now
     model, processor = load(a.model or setup.model, a.adapter, four_bit=a.four_bit)
     if a.path:
         return evaluation.evaluate_videos(model, processor, setup, paths, a.mode)

@@ -111,32 +111,31 @@ def _head(path: Path) -> str:
 
 def _probe_row(row: dict, root: Path) -> dict:
     path = root / row["path"]
-    row = {**row, "bytes": path.stat().st_size, "head": _head(path)}
     try:
+        row = {**row, "bytes": path.stat().st_size, "head": _head(path)}
         info = probe(path)
-    except BadVideo as e:
-        return {**row, "fps": 0.0, "frames": 0, "width": 0, "height": 0, "duration": 0.0, "status": str(e)}
+    except (BadVideo, OSError) as e:
+        return {"bytes": 0, "head": "", **row, "fps": 0.0, "frames": 0, "width": 0, "height": 0, "duration": 0.0,
+                "status": str(e) if isinstance(e, BadVideo) else f"cannot read: {e.strerror or e}"}
     need = sample_indices(info.fps)[-1] + 1
     status = "ok" if info.frames >= need else (
         f"too short: {info.frames} frames at {info.fps:g} fps, need {need} for {FRAMES} at {SAMPLE_FPS:g} fps")
     return {**row, **vars(info), "status": status}
 
 
-def check_disjoint(df: pd.DataFrame, by_name: bool) -> None:
-    """Stop when one clip is in two splits: the same content (size + hash of the first MiB) or, where the dataset
-    names its splits, the same file name. A clip in train and in an evaluation set inflates every score."""
-    ok = df[df.status == "ok"].assign(name=lambda d: d.path.map(lambda p: Path(p).name))
-    for keys, what in ((["bytes", "head"], "the same content"), (["name"], "the same file name")):
-        if what.endswith("name") and not by_name:
-            continue
-        spread = ok.groupby(keys).split.transform("nunique")
-        clash = ok[spread > 1].sort_values(keys + ["split"])
+def check_disjoint(df: pd.DataFrame) -> None:
+    """Stop when a training clip is also in an evaluation split: the same content (size + hash of the first MiB) or
+    the same name where names are content hashes (GenBuster's are 64 hex characters), which also catches a clip
+    encoded again. Such a clip inflates every score. Evaluation splits may share clips: the pinned sets never do."""
+    ok = df[df.status == "ok"].assign(name=lambda d: d.path.map(lambda p: Path(p).stem.lower()))
+    train, held = ok[ok.split == "train"], ok[ok.split != "train"]
+    hashed = held[held.name.str.fullmatch(r"[0-9a-f]{32,}")]
+    for keys, other, what in ((["bytes", "head"], held, "the same content"), (["name"], hashed, "the same name")):
+        clash = train.merge(other, on=keys, suffixes=("", "_held"))
         if not clash.empty:
             a = clash.iloc[0]
-            same = clash[(clash[keys] == a[keys]).all(axis=1)]
-            b, n = same[same.split != a.split].iloc[0], clash.groupby(keys).ngroups
-            raise UserError(f"{n} clip(s) are in two splits, e.g. {a.path} ({a.split}) and {b.path} ({b.split}) have "
-                            f"{what}: remove one copy and run prepare again")
+            raise UserError(f"{len(clash)} training clip(s) are also in an evaluation split, e.g. {a.path} (train) and "
+                            f"{a.path_held} ({a.split_held}) have {what}: remove one copy and run prepare again")
 
 
 def build_manifest(source: Path, setup: Setup) -> pd.DataFrame:
@@ -147,7 +146,7 @@ def build_manifest(source: Path, setup: Setup) -> pd.DataFrame:
     df = pd.DataFrame(rows)[COLUMNS]
     if df["id"].duplicated().any():
         raise UserError(f"two files map to the same id (same name, different extension) under {source}")
-    check_disjoint(df, by_name=not plain(source))
+    check_disjoint(df)
     write_manifest(df, setup)
     return df
 
@@ -156,6 +155,15 @@ def write_manifest(df: pd.DataFrame, setup: Setup) -> None:
     tmp = setup.manifest.with_suffix(".tmp")
     df.to_parquet(tmp, index=False)
     tmp.replace(setup.manifest)
+
+
+def check_paths(df: pd.DataFrame, setup: Setup) -> None:
+    """Stop when the manifest's clips are not where it says (a home prepared by an older layout, moved videos)."""
+    missing = [p for p in df[df.status == "ok"].path if not (setup.videos / p).exists()]
+    if missing:
+        raise UserError(f"{len(missing)} clips of {setup.manifest} are not under {setup.videos} (e.g. {missing[0]}): "
+                        f"the data was prepared another way; remove {setup.manifest} and {setup.path('eval')} (or use "
+                        "a new AUTOBUSTER_HOME) and prepare again")
 
 
 def read_manifest(setup: Setup) -> pd.DataFrame:
@@ -250,7 +258,7 @@ def make_eval_set(setup: Setup, df: pd.DataFrame, name: str, n: int, taken=froze
         return None
     usable = df[(df.status == "ok") & ~df.id.isin(taken)]
     pool = usable[usable.split == split]
-    real_from = split if (pool.label == "real").any() else eval_split(df, "val")
+    real_from = split if ((df.split == split) & (df.label == "real")).any() else eval_split(df, "val")
     real = usable[(usable.split == real_from) & (usable.label == "real")]
     fake = pool[pool.label == "fake"]
     if real.empty or fake.empty:
@@ -276,7 +284,9 @@ def make_eval_set(setup: Setup, df: pd.DataFrame, name: str, n: int, taken=froze
                 frames=FRAMES, fps=SAMPLE_FPS, seed=EVAL_SEED, **({"origin": origin} if origin else {}))
     spec["fingerprint"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(spec, indent=1))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(spec, indent=1))
+    tmp.replace(path)  # a set is pinned whole or not at all
     return spec
 
 

@@ -21,6 +21,7 @@ from .errors import UserError
 TRAIN_REPO, TRAIN_REVISION = "l8cv/GenBuster-200K-mini", "58af00f022d8272f42de3be912e9a905bf6087d2"
 BENCH_REPO, BENCH_REVISION = "l8cv/GenBuster-Bench", "68e41ab55726013f1c7455980180114302196c23"
 ARCHIVES = (".zip", ".7z")
+ARCHIVE_FILES = [f"*{a}" for a in ARCHIVES]
 MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # config, weights, tokenizer, chat template
 RECORD = "sources.json"  # under the dataset root: what was fetched, at which revision, and what was verified
 
@@ -66,8 +67,10 @@ def hub_error(what: str, page: str, e: Exception) -> UserError:
 
 
 def hub_files(src: Source) -> dict[str, tuple[int, str | None]]:
-    """{file: (size, sha256 or None)} as the hub reports them for the pinned revision."""
+    """{file: (size, sha256 or None)} as the hub reports them for the pinned revision. A gated repo's listing is
+    public, so access is checked too: a missing acceptance shows before anything is downloaded."""
     from huggingface_hub import HfApi
+    HfApi().auth_check(src.repo, repo_type="dataset")
     info = HfApi().dataset_info(src.repo, revision=src.revision, files_metadata=True)
     return {s.rfilename: (s.size, s.lfs.sha256 if s.lfs else None) for s in info.siblings}
 
@@ -101,8 +104,9 @@ def cached_snapshot(repo: str, revision: str | None = None, repo_type: str = "da
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
     try:
+        # only the files used must be there: a cache filled with `hf download --include "*.zip"` counts
         return Path(snapshot_download(repo, repo_type=repo_type, revision=revision, local_files_only=True,
-                                      allow_patterns=MODEL_FILES if repo_type == "model" else None))
+                                      allow_patterns=MODEL_FILES if repo_type == "model" else ARCHIVE_FILES))
     except (LocalEntryNotFoundError, IncompleteSnapshotError, HFValidationError):
         return None
 
@@ -164,11 +168,11 @@ def extract(archive: Path, target: Path) -> None:
     """Extract a zip (ZIP64 included) or 7z archive into `target`, refusing any member that would land outside it.
     Zip members are CRC-checked as they are read, so a corrupt archive stops here."""
     root = target.resolve()
-    for name in _members(archive):
-        if not (target / name).resolve().is_relative_to(root):
-            raise UserError(f"{archive.name} holds an unsafe path {name!r}; refusing to extract")
-    target.mkdir(parents=True, exist_ok=True)
     try:
+        for name in _members(archive):
+            if not (target / name).resolve().is_relative_to(root):
+                raise UserError(f"{archive.name} holds an unsafe path {name!r}; refusing to extract")
+        target.mkdir(parents=True, exist_ok=True)
         if archive.suffix == ".zip":
             with zipfile.ZipFile(archive) as z:
                 for m in tqdm(z.infolist(), desc=f"extracting {archive.name}", unit="file"):
@@ -177,8 +181,11 @@ def extract(archive: Path, target: Path) -> None:
             import py7zr
             with py7zr.SevenZipFile(archive) as z:
                 z.extractall(path=target)
-    except OSError:  # a full disk or a permission: not the archive's fault
+    except UserError:
         raise
+    except OSError as e:  # a full disk or a permission: not the archive's fault
+        raise UserError(f"cannot extract {archive.name} into {target}: {e.strerror or first_line(e)} (free "
+                        f"{shutil.disk_usage(root.parent).free / 1e9:.1f} GB there)") from None
     except Exception as e:  # a bad CRC, a truncated member, a broken header
         raise UserError(f"{archive} is corrupt ({first_line(e)}): delete it and run prepare again") from None
 
@@ -217,6 +224,10 @@ class Plan:
         return 0 if self.done else self.bytes_to_fetch() + sum(p.stat().st_size for p in self.local.values())
 
 
+def _archives_in(folder: Path | None) -> dict[str, Path]:
+    return {f.name: f for f in sorted(folder.iterdir()) if f.suffix in ARCHIVES} if folder and folder.is_dir() else {}
+
+
 def plan(src: Source, root: Path) -> Plan:
     """Where `src` stands, with a network call only when none of its archives is here."""
     record = read_record(root)
@@ -229,16 +240,16 @@ def plan(src: Source, root: Path) -> Plan:
         write_record(root, record)
     if extracted:
         return Plan(src, True, {}, {})
-    local, listed = {}, record.get(src.name, {}).get("files", {})  # the hub's list, once it was asked
-    for folder in (src.download_dir(root), cached_snapshot(src.repo, src.revision)):
-        if folder and folder.is_dir():
-            local = {f.name: f for f in sorted(folder.iterdir()) if f.suffix in ARCHIVES}
-            if local:
-                break
-    if local and set(listed) <= set(local):
+    listed = record.get(src.name, {}).get("files")  # the hub's list, once it was asked
+    here, cached = _archives_in(src.download_dir(root)), _archives_in(cached_snapshot(src.repo, src.revision))
+    local = here or cached
+    # the cache knows each archive's sha256 (its blob name); an archive put here by hand is checked against the
+    # hub's list, once, where the hub can be asked
+    trusted = listed is not None or not here or offline()
+    if local and trusted and set(listed or ()) <= set(local):
         return Plan(src, False, local, {})
     if offline():
-        raise UserError(f"{src.repo} at revision {src.revision[:12]} is not here and the hub is offline "
+        raise UserError(f"{src.repo} at revision {src.revision[:12]} is not (all) here and the hub is offline "
                         f"(HF_HUB_OFFLINE=1): run prepare once with network, or `hf download {src.repo} --repo-type "
                         f"dataset --revision {src.revision}` into the Hugging Face cache, or put its archive in "
                         f"{src.download_dir(root)}")
@@ -253,7 +264,9 @@ def plan(src: Source, root: Path) -> Plan:
     if not remote:
         raise UserError(f"{src.repo} at revision {src.revision[:12]} holds no .zip or .7z archive "
                         f"(files: {', '.join(sorted(files)) or 'none'}); the hub layout changed")
-    return Plan(src, False, local, {f: v for f, v in remote.items() if f not in local})  # resume a partial set
+    # resume a partial set: what is here already is not fetched again
+    return Plan(src, False, {f: p for f, p in local.items() if f in remote}, {f: v for f, v in remote.items()
+                                                                            if f not in local})
 
 
 def _expected(root: Path, src: Source, name: str, path: Path) -> tuple[int | None, str | None]:

@@ -20,14 +20,15 @@ def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, mod
     t0 = time.time()
     base = model or prof.model  # "" for the tiny model, which is built below
     required = ["val"]  # pinned sets this data must yield
+    if dataset_dir or prof.name == "tiny":  # the model first: a wrong --model stops before the data work
+        hub.check_disk(model_need(base))
+        fetch_model(base)
     if dataset_dir:
         folder = Path(dataset_dir).expanduser().resolve()
         source = dataset.resolve_source(folder)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name).strip("-") or "dataset"
         root = home() / f"custom-{slug}-{prof.name}"
-        fetch_model(base, [])
     elif prof.name == "tiny":
-        fetch_model(base, [])
         root = home() / "tiny"
         synthetic.build(root / "videos")
         source = root / "videos"
@@ -41,7 +42,8 @@ def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, mod
     setup = Setup(prof.name, str(root), str(source), base or str(root / "model"))
 
     df = dataset.read_manifest(setup) if setup.manifest.exists() else dataset.build_manifest(source, setup)
-    origin = ", ".join(f"{e['repo']}@{e['revision'][:12]}" for e in hub.read_record(root).values())
+    dataset.check_paths(df, setup)
+    origin = ", ".join(sorted(f"{e['repo']}@{e['revision'][:12]}" for e in hub.read_record(root).values()))
     taken = set()
     for name in dataset.EVAL_SETS:
         spec = dataset.make_eval_set(setup, df, name, getattr(prof, f"{name}_size"), taken, origin)
@@ -73,17 +75,19 @@ def clip_bytes(prof) -> int:
     return FRAMES * prof.pixel_cap * 3
 
 
-def fetch_model(base: str, needs: list) -> None:
-    """Check the disk for the base model and everything in `needs`, then fetch the model into the Hugging Face
-    cache now, so that training and evaluation never depend on the network."""
-    if base and not hub.cached_model(base):
-        hub.check_fetchable(base)
-        try:
-            size = hub.model_sizes(base)
-        except Exception as e:  # network, auth and hub errors all end here with one line
-            raise hub.hub_error(f"the model {base}", f"https://huggingface.co/{base}", e) from None
-        needs = needs + [(Path(constants.HF_HUB_CACHE), size, "model weights")]
-    hub.check_disk(needs)
+def model_need(base: str) -> list[tuple[Path, int, str]]:
+    """The disk the base model still needs (for hub.check_disk); one line now if it cannot be fetched."""
+    if not base or hub.cached_model(base):
+        return []
+    hub.check_fetchable(base)
+    try:
+        return [(Path(constants.HF_HUB_CACHE), hub.model_sizes(base), "model weights")]
+    except Exception as e:  # network, auth and hub errors all end here with one line
+        raise hub.hub_error(f"the model {base}", f"https://huggingface.co/{base}", e) from None
+
+
+def fetch_model(base: str) -> None:
+    """The base model into the Hugging Face cache now, so that training and evaluation never need the network."""
     if base:
         print(f"base model {base}: {hub.resolve_model(base)}")
 
@@ -102,9 +106,10 @@ def fetch_genbuster(root: Path, prof, base: str, keep_archives: bool, train_revi
     needs = [(root, sum(p.bytes_to_fetch() for p in plans), "archives"),
              (root, sum(p.bytes_extracted() for p in plans), "extracted clips"),
              (root, n_eval * clip_bytes(prof), "frame cache")]
-    fetch_model(base, needs)
-    for p in plans:
+    hub.check_disk(needs + model_need(base))
+    for p in plans:  # the data first: a dataset whose terms are not accepted stops before 16 GB of weights
         hub.fetch(p, root, keep_archives)
+    fetch_model(base)
     return videos, ["val", "holdout"] if old else list(dataset.EVAL_SETS)
 
 
