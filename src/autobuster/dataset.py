@@ -126,7 +126,8 @@ def _probe_row(row: dict, root: Path) -> dict:
 def check_disjoint(df: pd.DataFrame) -> None:
     """Stop when a training clip is also in an evaluation split: the same content (size + hash of the first MiB) or
     the same name where names are content hashes (GenBuster's are 64 hex characters), which also catches a clip
-    encoded again. Such a clip inflates every score. Evaluation splits may share clips: the pinned sets never do."""
+    encoded again. Such a clip inflates every score. Evaluation splits may share clips (no two pinned sets share
+    a file)."""
     ok = df[df.status == "ok"].assign(name=lambda d: d.path.map(lambda p: Path(p).stem.lower()))
     train, held = ok[ok.split == "train"], ok[ok.split != "train"]
     hashed = held[held.name.str.fullmatch(r"[0-9a-f]{32,}")]
