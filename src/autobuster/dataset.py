@@ -311,9 +311,9 @@ def read_eval_set(setup: Setup, name: str) -> dict:
 
 def eval_clips(setup: Setup, split: str, limit: int | None = None) -> tuple[pd.DataFrame, str]:
     """Rows of a pinned set (val, holdout, wild) or of a whole split (test, ood, ...), and the set's fingerprint."""
+    spec = read_eval_set(setup, split) if split in EVAL_SETS else None
     df = read_manifest(setup)
-    if split in EVAL_SETS:
-        spec = read_eval_set(setup, split)
+    if spec:
         rows, fp = df.set_index("id", drop=False).loc[spec["ids"]].reset_index(drop=True), spec["fingerprint"]
     elif split in set(df.split):
         rows = df[(df.split == split) & (df.status == "ok")].reset_index(drop=True)

@@ -20,15 +20,14 @@ def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, mod
     t0 = time.time()
     base = model or prof.model  # "" for the tiny model, which is built below
     required = ["val"]  # pinned sets this data must yield
-    if dataset_dir or prof.name == "tiny":  # the model first: a wrong --model stops before the data work
-        hub.check_disk(model_need(base))
-        fetch_model(base)
     if dataset_dir:
         folder = Path(dataset_dir).expanduser().resolve()
         source = dataset.resolve_source(folder)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name).strip("-") or "dataset"
         root = home() / f"custom-{slug}-{prof.name}"
+        fetch_model(base)
     elif prof.name == "tiny":
+        fetch_model(base)  # before the synthetic clips: a wrong --model stops at once
         root = home() / "tiny"
         synthetic.build(root / "videos")
         source = root / "videos"
@@ -88,6 +87,7 @@ def model_need(base: str) -> list[tuple[Path, int, str]]:
 
 def fetch_model(base: str) -> None:
     """The base model into the Hugging Face cache now, so that training and evaluation never need the network."""
+    hub.check_disk(model_need(base))
     if base:
         print(f"base model {base}: {hub.resolve_model(base)}")
 
