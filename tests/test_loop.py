@@ -44,6 +44,8 @@ def test_baseline_is_kept(ws):
     lines = cli(ws, "run", "baseline", "--budget", "20").stdout.strip().splitlines()
     out = lines[-1]
     assert out.startswith("keep") and "profile tiny" in lines[0] and "run.log" in lines[0]
+    assert "(the baseline)" in out and lines[-2].startswith("scoring val (")  # life, then the verdict
+    assert all(line.startswith("progress: ") for line in lines[1:-2])
     rows = results(ws)
     assert list(rows.columns) == ["commit", "f1", "accuracy", "memory_gb", "p_better", "status", "description"]
     assert rows.status.tolist() == ["keep"]
@@ -158,3 +160,15 @@ def test_two_processes_under_torchrun(ws):
     steps = int(next(line.split()[1] for line in log.splitlines() if line.startswith("num_steps:")))
     assert steps > 0 and len((run / "train.jsonl").read_text().splitlines()) == steps  # rank 0 alone logs
     assert (run / "adapter" / "adapter_config.json").exists() and results(ws).status.tolist()[-1] == "long"
+
+
+def test_progress_line_reads_the_run_in_progress(tmp_path):
+    from autobuster.loop import progress
+    assert progress(tmp_path, 300, 12.4) == "progress: loading, no step yet (12s since start)"
+    recs = [dict(step=i, elapsed=2.0 * i, accuracy=i / 30, format_rate=1.0 - i / 100) for i in range(30)]
+    text = "".join(json.dumps(r) + "\n" for r in recs) + '{"step": 30, "elap'  # a line being written
+    (tmp_path / "train.jsonl").write_text(text)
+    last = recs[-20:]
+    acc, fmt = sum(r["accuracy"] for r in last) / 20, sum(r["format_rate"] for r in last) / 20
+    assert progress(tmp_path, 300, 99) == (f"progress: step 29 | 58s of 300s trained | rollout acc {acc:.3f} | "
+                                           f"fmt {fmt:.3f} (last 20 steps)")

@@ -1,8 +1,12 @@
 """The `autobuster` command: init, run, status, train, worktrees, demo, bench."""
 import argparse
+import os
 import sys
 
 from .errors import UserError
+
+if not sys.stderr.isatty():  # progress bars redraw with \r: in a log file they are noise (set before tqdm loads)
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def guarded(fn, *args, **kwargs):

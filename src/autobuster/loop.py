@@ -20,6 +20,8 @@ P_BETTER = 0.8  # keep only when the paired bootstrap says the candidate is bett
 PLATEAU = 10  # runs without a keep that `status` calls a plateau
 OVERRUN = 1.1  # a run that trained past this share of the budget (+ 60 s for its last step) is a crash
 SLOW = 0.7  # warn when a run made fewer than this share of the best run's steps
+PROGRESS_SECONDS = 30  # the runner prints a `progress:` line this often while training, for an agent tailing it
+PROGRESS_STEPS = 20  # the rollout accuracy and format rate it prints are means over this many last steps
 ALLOWANCE = {"tiny": 600, "genbuster": 3600}  # seconds for loading + evaluation on top of the training budget
 FIXED = ("prepare.py", "evaluate.py", "export.py", "src/autobuster")
 HEADER = "commit\tf1\taccuracy\tmemory_gb\tp_better\tstatus\tdescription\n"
@@ -239,11 +241,31 @@ def parse_summary(text: str) -> dict[str, float]:
     return out
 
 
-def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None, gpus: int, limit: int
+def progress(run_dir: Path, seconds: int, wall: float) -> str:
+    """One line on a run in progress, from its train.jsonl: the last step, training seconds of the budget, and the
+    rollout accuracy and format rate of the last PROGRESS_STEPS steps."""
+    steps = []
+    log = run_dir / "train.jsonl"
+    for line in (log.read_text(errors="replace").splitlines() if log.exists() else []):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line being written
+            continue
+        if "accuracy" in rec:
+            steps.append(rec)
+    if not steps:
+        return f"progress: loading, no step yet ({wall:.0f}s since start)"
+    last = steps[-PROGRESS_STEPS:]
+    acc, fmt = (sum(r[key] for r in last) / len(last) for key in ("accuracy", "format_rate"))
+    return (f"progress: step {steps[-1]['step']} | {steps[-1]['elapsed']:.0f}s of {seconds}s trained | "
+            f"rollout acc {acc:.3f} | fmt {fmt:.3f} (last {len(last)} steps)")
+
+
+def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None, gpus: int, limit: int, seconds: int
            ) -> tuple[str | None, dict]:
-    """Run train_dapo.py (under torchrun for several GPUs) in its own process group, killed after `limit` seconds;
-    (crash reason or None, its summary block)."""
-    env = ws.env(AUTOBUSTER_RUN_DIR=str(run_dir), PYTHONUNBUFFERED="1")
+    """Run train_dapo.py (under torchrun for several GPUs) in its own process group, killed after `limit` seconds,
+    printing a progress line every PROGRESS_SECONDS; (crash reason or None, its summary block)."""
+    env = ws.env(AUTOBUSTER_RUN_DIR=str(run_dir), PYTHONUNBUFFERED="1", TQDM_DISABLE="1")  # no \r bars in run.log
     if budget is not None:
         env["AUTOBUSTER_TIME_BUDGET"] = str(budget)
     with open(run_dir / "run.log", "w") as log:
@@ -253,12 +275,17 @@ def _train(ws: Workspace, run_dir: Path, lock: dict, budget: int | None, gpus: i
                                 env=env, start_new_session=True)
         lock["child"] = proc.pid
         ws.lock.write_text(json.dumps(lock))
-        try:
-            rc = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return f"timeout after {limit}s", {}
+        start = time.time()
+        while True:
+            try:
+                rc = proc.wait(timeout=max(0.0, min(PROGRESS_SECONDS, start + limit - time.time())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.time() >= start + limit:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return f"timeout after {limit}s", {}
+                print(progress(run_dir, seconds, time.time() - start), flush=True)
     text = (run_dir / "run.log").read_text(errors="replace")
     summary = parse_summary(text)
     lines = [line for line in text.splitlines() if line.strip()]
@@ -318,13 +345,14 @@ def run(description: str, budget: int | None = None, long: bool = False, gpus: s
     print(f"run {run_id}: profile {setup.profile} (AUTOBUSTER_HOME={home()}), "
           f"{seconds}s of training (wall clock) plus loading and evaluation, killed after {limit // 60} min; "
           f"log {run_dir / 'run.log'}", flush=True)
-    crash, summary = _train(ws, run_dir, lock, budget, n_gpus, limit)
+    crash, summary = _train(ws, run_dir, lock, budget, n_gpus, limit, seconds)
     memory, steps = summary.get("peak_memory_gb", 0.0), int(summary.get("num_steps", 0))
     if not crash and summary.get("training_seconds", 0) > OVERRUN * seconds + 60:
         crash = (f"trained {summary['training_seconds']:.0f}s, beyond the {seconds}s budget: TIME_BUDGET is fixed, "
                  "and every phase (stage 2 too) must fit in it")
     m, p_better = {}, 0.0
     if crash is None:
+        print(f"scoring val ({len(val['ids'])} clips, fixed evaluation in its own process)", flush=True)
         try:
             m = _score(ws, run_dir)
         except RuntimeError as e:
@@ -348,8 +376,8 @@ def run(description: str, budget: int | None = None, long: bool = False, gpus: s
     if best and best.get("steps") and steps < SLOW * best["steps"]:  # before the result: that line stays last
         print(f"warning: {steps} steps against {best['steps']} in the best run: the budget is wall-clock seconds, "
               "so a slower step (or another job on this machine) means fewer steps")
-    best_f1 = f"{best['f1']:.4f}" if best else "none, this is the baseline"
-    print(f"{status:<7} f1={m['f1']:.4f} (best {best_f1}, p_better {p_better:.2f})  steps={steps}  "
+    against = f"best {best['f1']:.4f}, p_better {p_better:.3f}" if best else "the baseline"
+    print(f"{status:<7} f1={m['f1']:.4f} ({against})  steps={steps}  "
           f"mem={memory:.1f}GB  {mins}m{secs:02d}s  run={run_dir}")
     return record
 
