@@ -85,9 +85,10 @@ def model_need(base: str) -> list[tuple[Path, int, str]]:
         raise hub.hub_error(f"the model {base}", f"https://huggingface.co/{base}", e) from None
 
 
-def fetch_model(base: str) -> None:
-    """The base model into the Hugging Face cache now, so that training and evaluation never need the network."""
-    hub.check_disk(model_need(base))
+def fetch_model(base: str, needs=()) -> None:
+    """Check the disk for the model and the rest of `needs` (the data's, from its plans), then fetch the base model
+    into the Hugging Face cache now, so that training and evaluation never need the network."""
+    hub.check_disk([*needs, *model_need(base)])
     if base:
         print(f"base model {base}: {hub.resolve_model(base)}")
 
@@ -106,10 +107,9 @@ def fetch_genbuster(root: Path, prof, base: str, keep_archives: bool, train_revi
     needs = [(root, sum(p.bytes_to_fetch() for p in plans), "archives"),
              (root, sum(p.bytes_extracted() for p in plans), "extracted clips"),
              (root, n_eval * clip_bytes(prof), "frame cache")]
-    hub.check_disk(needs + model_need(base))
-    for p in plans:  # the data first: a dataset whose terms are not accepted stops before 16 GB of weights
+    fetch_model(base, needs)  # the plans asked the hub for access first: a gated dataset has stopped already
+    for p in plans:
         hub.fetch(p, root, keep_archives)
-    fetch_model(base)
     return videos, ["val", "holdout"] if old else list(dataset.EVAL_SETS)
 
 
