@@ -71,7 +71,7 @@ FOCUS_MEMORY = 0.1  # weight of each new group in its generator's running error
 MALFORMED_IN_LOSS = False  # False: malformed or truncated replies score -1 but stay out of the loss
 MICRO_BATCH_TOKENS = 16384  # tokens per forward/backward, each prompt once plus its completions (memory vs speed)
 GRADIENT_CHECKPOINTING = not TINY
-SEED = 0
+SEED = SETUP.seed  # from the runner: 0 on a configuration's first run, then 1, 2, ... on its repeats
 RUN_DIR = Path(os.environ.get("AUTOBUSTER_RUN_DIR") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
 # BusterX++ stages 2 and 3 (both off: stage 1 alone, as above). Their time counts in TIME_BUDGET.
@@ -390,7 +390,7 @@ def main():
     SETUP.check_device()
     rank, world = distributed.init()  # (0, 1) unless started by torchrun
     t_start = time.time()
-    torch.manual_seed(SEED + rank)  # every rank samples its own prompts and completions
+    torch.manual_seed(SEED * 1000 + rank)  # every rank of every seed samples its own prompts and completions
     if rank == 0:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
     model, processor = load(BASE_MODEL, four_bit=FOUR_BIT)
@@ -409,7 +409,7 @@ def main():
     param_groups = [dict(params=[p for p in trainable if id(p) not in vision], peak=LEARNING_RATE),
                     dict(params=[p for p in trainable if id(p) in vision], peak=VISION_LEARNING_RATE)]
     opt = torch.optim.AdamW([g for g in param_groups if g["params"]], weight_decay=WEIGHT_DECAY)
-    clips = dataset.TrainClips(SETUP, seed=SEED + rank)
+    clips = dataset.TrainClips(SETUP, seed=SEED * 1000 + rank)
     log = open(RUN_DIR / "train.jsonl" if rank == 0 else os.devnull, "a")  # rank 0 logs its own rollouts' stats
 
     step, trained, rollouts, stats = 0, 0.0, 0, {"rollout_seconds": 0.0, "rollout_tokens": 0}

@@ -102,21 +102,21 @@ def correct_with_rate(rng, labels, rate):
 
 def test_bootstrap_identical_predictions():
     labels, preds, _, _ = random_run(1)
-    r = metrics.paired_bootstrap(labels, preds, preds, n=500)
-    assert r == dict(p_better=0.5, delta=0.0, low=0.0, high=0.0)
+    r = metrics.paired_bootstrap(labels, [preds], [preds], n=500)
+    assert r == dict(p_better=0.5, delta=0.0, var=0.0, low=0.0, high=0.0)
 
 
 def test_bootstrap_clearly_better():
     rng = np.random.default_rng(7)
     labels = list(rng.choice(["real", "fake"], 400))
     a, b = correct_with_rate(rng, labels, 0.6), correct_with_rate(rng, labels, 0.85)
-    r = metrics.paired_bootstrap(labels, a, b)
+    r = metrics.paired_bootstrap(labels, [a], [b])
     observed = skm.f1_score(*sklearn_view(labels, b)) - skm.f1_score(*sklearn_view(labels, a))
     assert r["delta"] == pytest.approx(observed)
     assert r["p_better"] > 0.95 and r["low"] > 0
     assert r["low"] <= r["delta"] <= r["high"]
     # swapping the runs mirrors the answer
-    s = metrics.paired_bootstrap(labels, b, a)
+    s = metrics.paired_bootstrap(labels, [b], [a])
     assert s["p_better"] < 0.05 and s["high"] < 0
 
 
@@ -124,9 +124,9 @@ def test_bootstrap_clearly_better():
 def test_bootstrap_interval_contains_delta_and_is_deterministic(seed):
     labels, a, _, _ = random_run(seed)
     _, b, _, _ = random_run(seed + 100)
-    r = metrics.paired_bootstrap(labels, a, b, seed=seed)
+    r = metrics.paired_bootstrap(labels, [a], [b], seed=seed)
     assert r["low"] <= r["delta"] <= r["high"]
-    assert r == metrics.paired_bootstrap(labels, a, b, seed=seed)
+    assert r == metrics.paired_bootstrap(labels, [a], [b], seed=seed)
     json.dumps(r)
 
 
@@ -139,7 +139,48 @@ def test_bootstrap_resamples_match_sklearn_f1():
     (y, pa), (_, pb) = sklearn_view(labels, a), sklearn_view(labels, b)
     d = np.array([skm.f1_score(y[i], pb[i], zero_division=0) - skm.f1_score(y[i], pa[i], zero_division=0)
                   for i in idx])
-    r = metrics.paired_bootstrap(labels, a, b, n=n, seed=seed)
+    r = metrics.paired_bootstrap(labels, [a], [b], n=n, seed=seed)
     assert r["low"] == pytest.approx(np.percentile(d, 2.5))
     assert r["high"] == pytest.approx(np.percentile(d, 97.5))
     assert r["p_better"] == pytest.approx(np.mean(d > 1e-12) + 0.5 * np.mean(np.abs(d) <= 1e-12))
+
+
+def test_bootstrap_of_several_seeds_matches_sklearn():
+    """Two runs against three: every resample's mean F1 over each side's runs, by brute force with sklearn."""
+    labels, *_ = random_run(5, n=60)
+    a = [random_run(10 + i, n=60)[1] for i in range(2)]
+    b = [random_run(20 + i, n=60)[1] for i in range(3)]
+    n, seed = 40, 3
+    idx = np.random.default_rng(seed).integers(0, len(labels), (n, len(labels)))
+
+    def mean_f1(runs, i):
+        return np.mean([skm.f1_score(*(v[i] for v in sklearn_view(labels, p)), zero_division=0) for p in runs])
+
+    d = np.array([mean_f1(b, i) - mean_f1(a, i) for i in idx])
+    r = metrics.paired_bootstrap(labels, a, b, n=n, seed=seed)
+    everything = np.arange(len(labels))
+    assert r["delta"] == pytest.approx(mean_f1(b, everything) - mean_f1(a, everything))
+    assert r["var"] == pytest.approx(d.var())
+    assert r["p_better"] == pytest.approx(np.mean(d > 1e-12) + 0.5 * np.mean(np.abs(d) <= 1e-12))
+
+
+def test_seed_noise_is_the_pooled_variance():
+    configs = [[0.81, 0.86], [0.9], [0.7, 0.74, 0.69], []]
+    var, df = metrics.seed_noise(configs)
+    assert df == 1 + 2  # one-run configurations say nothing about the spread
+    assert var == pytest.approx((np.var(configs[0], ddof=1) * 1 + np.var(configs[2], ddof=1) * 2) / 3)
+    assert metrics.seed_noise([[0.8], [0.9]]) == (0.0, 0)
+
+
+@pytest.mark.parametrize("a,b", [([0.80, 0.84], [0.90]), ([0.80, 0.84, 0.83], [0.86, 0.85]), ([0.9, 0.8], [0.7])])
+def test_p_keep_without_item_noise_is_students_t_test(a, b):
+    """With the item-sampling term at 0 and the spread pooled from these two configurations, p_keep is one minus
+    scipy's one-sided two-sample t-test p-value (equal variances)."""
+    from scipy import stats
+    var, df = metrics.seed_noise([a, b])
+    p = metrics.p_keep(np.mean(b) - np.mean(a), 0.0, var, df, len(a), len(b))
+    assert p == pytest.approx(1 - stats.ttest_ind(b, a, alternative="greater").pvalue)
+    # item sampling noise only widens the interval: P moves towards 0.5
+    wider = metrics.p_keep(np.mean(b) - np.mean(a), 0.001, var, df, len(a), len(b))
+    assert abs(wider - 0.5) < abs(p - 0.5)
+    assert metrics.p_keep(0.05, 0.001, 0.0, 0, 1, 1) is None  # no seed estimate yet

@@ -16,9 +16,9 @@ def guarded(fn, *args, **kwargs):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP during a run (loop.Interrupted)
+        print(f"interrupted by {e}" if str(e) else "interrupted", file=sys.stderr)
+        sys.exit(128 + getattr(e, "signum", 2))
 
 
 GPUS = "GPUs to train on, one torchrun process each: a number or `all` (default: $AUTOBUSTER_GPUS, else 1)"
@@ -29,10 +29,12 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("init", help="start a loop on branch autobuster/<tag>")
     s.add_argument("tag")
-    s = sub.add_parser("run", help="commit train_dapo.py, train, score, keep or discard")
+    s = sub.add_parser("run", help="commit train_dapo.py, train, score, keep or discard (or --repeat the kept one)")
     s.add_argument("description")
     s.add_argument("--budget", type=int, help="training seconds (default: the profile's fixed budget)")
     s.add_argument("--gpus", help=GPUS)
+    s.add_argument("--repeat", action="store_true",
+                   help="run the kept commit again on a new seed (its mean over seeds is its score)")
     s = sub.add_parser("status", help="best run, keep rate, recent runs, plateau; writes progress.png")
     s.add_argument("--json", action="store_true", help="machine-readable, for the agent")
     s.add_argument("--all", action="store_true", help="every worktree's loop in one table and progress-all.png")
@@ -61,7 +63,7 @@ def main(argv=None):
     if a.cmd == "init":
         guarded(loop.init, a.tag)
     elif a.cmd == "run":
-        guarded(loop.run, a.description, a.budget, gpus=a.gpus)
+        guarded(loop.run, a.description, a.budget, gpus=a.gpus, repeat=a.repeat)
     elif a.cmd == "status":
         guarded(loop.status, a.json, a.all)
     elif a.cmd == "train":

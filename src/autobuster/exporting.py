@@ -26,7 +26,9 @@ def pick_run(ws: Workspace, run_id: str | None) -> dict:
     best = ws.best_kept()
     if not best:
         raise UserError("no kept run yet: run `uv run autobuster run \"baseline\"` first")
-    return best
+    # the best-scoring seed of the configuration with the best mean (the record's own mean dates from its run)
+    run = json.loads((ws.runs / best["run_id"] / "run.json").read_text())
+    return run | dict(seeds=best["seeds"], mean_f1=best["mean_f1"])
 
 
 def constants(source: str) -> str:
@@ -78,6 +80,8 @@ def export(run_id: str | None = None, out: str | None = None, adapter_only: bool
             "Qwen2.5-VL fine-tuned with LoRA + DAPO to tell real video from AI-generated video (fake = positive).",
             f"Base: `{setup.model}`. " + ("LoRA adapter only." if adapter_only else "LoRA merged into the base."),
             f"Commit `{run['commit']}`: {run['description']}. Exported {time.strftime('%Y-%m-%d %H:%M')}.", "",
+            f"Seed {run.get('seed', 0)}; this commit's mean val F1 over its {run.get('seeds', 1)} seed(s): "
+            f"{run.get('mean_f1', val['f1']):.4f}.", "",
             "Ask it with the BusterX++ prompt and one video of 16 frames at 4 fps; it answers "
             "`<think>...</think><answer>A|B</answer>` (A real, B fake).", "",
             f"## Validation (pinned set {val.get('fingerprint')}, {val['n']} clips)", "", table(val), ""]

@@ -50,19 +50,46 @@ def compute(labels, preds, p_fake, generators) -> dict:
     )
 
 
-def paired_bootstrap(labels, preds_a, preds_b, n: int = 2000, seed: int = 0) -> dict:
-    """Resample the same items for both runs; F1(b) - F1(a): P(b better) (ties half) and a 95% interval."""
-    y, a = _as_binary(labels, preds_a)
-    _, b = _as_binary(labels, preds_b)
-    # one (n, items) index matrix shared by both runs keeps the comparison paired
+def paired_bootstrap(labels, runs_a, runs_b, n: int = 2000, seed: int = 0) -> dict:
+    """Two configurations, each scored on the same items by one or more runs (a list of prediction lists each).
+    Resample the items, the same ones for every run (paired), and take the mean F1 of b's runs minus the mean F1 of
+    a's: P(b better) (ties half), the variance of that difference over resamples, and a 95% interval."""
+    y = np.asarray(labels) == "fake"
+    # one (n, items) index matrix shared by all runs keeps the comparison paired; as counts of each item in each
+    # resample, a resample's tp/fp/fn of every run are one matrix product
     idx = np.random.default_rng(seed).integers(0, len(y), (n, len(y)))
+    counts = np.bincount((idx + len(y) * np.arange(n)[:, None]).ravel(), minlength=n * len(y)).reshape(n, len(y))
 
-    def f1s(pred):
-        """Observed F1 and the F1 of every resample, from per-item tp/fp/fn indicators gathered by idx."""
-        kinds = (y & pred, ~y & pred, y & ~pred)
-        return _f1(*(k.sum() for k in kinds)), _f1(*(k[idx].sum(1) for k in kinds))
+    def mean_f1(runs):
+        """Mean observed F1 and mean F1 of every resample, from per-item tp/fp/fn indicators."""
+        preds = [_as_binary(labels, p)[1] for p in runs]
+        kinds = np.stack([k for pred in preds for k in (y & pred, ~y & pred, y & ~pred)], axis=1).astype(float)
+        tp, fp, fn = (kinds[:, i::3] for i in range(3))
+        resampled = counts @ kinds  # (n, 3 * runs)
+        return (_f1(tp.sum(0), fp.sum(0), fn.sum(0)).mean(),
+                _f1(*(resampled[:, i::3] for i in range(3))).mean(axis=1))
 
-    (fa, ra), (fb, rb) = f1s(a), f1s(b)
+    (fa, ra), (fb, rb) = mean_f1(runs_a), mean_f1(runs_b)
     d = rb - ra
-    return dict(p_better=float(np.mean(d > 0) + 0.5 * np.mean(d == 0)), delta=float(fb - fa),
+    return dict(p_better=float(np.mean(d > 0) + 0.5 * np.mean(d == 0)), delta=float(fb - fa), var=float(d.var()),
                 low=float(np.percentile(d, 2.5)), high=float(np.percentile(d, 97.5)))
+
+
+def seed_noise(configurations: list[list[float]]) -> tuple[float, int]:
+    """The run-to-run variance of F1 for identical code, pooled over every configuration with more than one run
+    (each contributes its squared deviations from its own mean), and its degrees of freedom."""
+    runs = [np.asarray(f1s, dtype=float) for f1s in configurations if len(f1s) > 1]
+    df = sum(len(r) - 1 for r in runs)
+    return (float(sum(((r - r.mean()) ** 2).sum() for r in runs) / df) if df else 0.0), df
+
+
+def p_keep(delta: float, boot_var: float, seed_var: float, df: int, n_a: int, n_b: int) -> float | None:
+    """P(b's configuration is better) from both noises: t = delta / sqrt(seed_var (1/n_a + 1/n_b) + boot_var), the
+    seed noise of the two means plus the item sampling of their difference (slightly conservative: runs' per-item
+    disagreement is in both), read on Student's t with the seed estimate's degrees of freedom. None while there is
+    no seed estimate (df 0)."""
+    if df < 1:
+        return None
+    from scipy.stats import t
+    se = (seed_var * (1 / n_a + 1 / n_b) + boot_var) ** 0.5
+    return float(t.cdf(delta / se, df)) if se > 0 else 0.5 + 0.5 * float(np.sign(delta))
