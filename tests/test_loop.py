@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
+from autobuster import loop
 from autobuster.demo import BROKEN, CRASH, edit, scratch_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,31 +41,36 @@ def test_init_refuses_an_existing_tag(ws):
     assert r.returncode == 2 and "exists" in r.stderr
 
 
-def test_baseline_is_kept(ws):
+def test_baseline_is_kept_and_run_on_a_second_seed(ws):
     lines = cli(ws, "run", "baseline", "--budget", "20").stdout.strip().splitlines()
-    out = lines[-1]
-    assert out.startswith("keep") and "profile tiny" in lines[0] and "run.log" in lines[0]
-    assert "(the baseline)" in out and lines[-2].startswith("scoring val (")  # life, then the verdict
-    assert all(line.startswith("progress: ") for line in lines[1:-2])
+    verdicts = [line for line in lines if not line.startswith(("progress: ", "scoring val (", "run 000"))]
+    heads = [line for line in lines if line.startswith("run 000")]
+    assert len(heads) == 2 and all("profile tiny" in h and "run.log" in h for h in heads)
+    assert ": baseline, seed 0," in heads[0] and ": a repeat of the kept commit" in heads[1] and ", seed 1," in heads[1]
+    assert [v.split()[0] for v in verdicts] == ["keep", "repeat"] and "(the baseline, seed 0;" in verdicts[0]
+    assert lines[-2].startswith("scoring val (")  # life, then the verdict
     rows = results(ws)
-    assert list(rows.columns) == ["commit", "f1", "accuracy", "memory_gb", "p_better", "status", "description"]
-    assert rows.status.tolist() == ["keep"]
-    run = next((ws / "runs").glob("0001-*"))
-    assert (run / "adapter" / "adapter_config.json").exists() and (run / "metrics.json").exists()
-    # the score comes from the separate evaluation: its predictions, scored by scikit-learn, give the row's F1
-    # and accuracy (a 20 s policy may well answer one class only, so the values themselves are not asserted)
-    preds = pd.read_json(run / "predictions.jsonl", lines=True)
-    y = (preds.label == "fake").astype(int)
-    pred = (preds.prediction == "fake").astype(int).where(preds.prediction != "unclear", 1 - y)
-    assert len(preds) == json.loads((run / "metrics.json").read_text())["n"] > 0
-    assert rows.f1[0] == pytest.approx(skm.f1_score(y, pred, zero_division=0), abs=1e-6)
-    assert rows.accuracy[0] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-6)
-    # the one-line result and status --json carry the step count that train_dapo.py's summary reported
-    steps = int(next(line.split()[1] for line in (run / "run.log").read_text().splitlines()
-                     if line.startswith("num_steps:")))
-    assert f"steps={steps} " in out and steps > 0
-    info = json.loads(cli(ws, "status", "--json").stdout)
-    assert info["recent"][-1]["run_id"] == run.name and info["recent"][-1]["steps"] == steps
+    assert list(rows.columns)[:7] == ["commit", "f1", "accuracy", "memory_gb", "p_better", "status", "description"]
+    assert rows.status.tolist() == ["keep", "repeat"] and rows.seed.tolist() == [0, 1]
+    for i, run in enumerate(sorted((ws / "runs").glob("000[12]-*"))):
+        assert (run / "adapter" / "adapter_config.json").exists() and (run / "metrics.json").exists()
+        # the score comes from the separate evaluation: its predictions, scored by scikit-learn, give the row's F1
+        # and accuracy (a 20 s policy may well answer one class only, so the values themselves are not asserted)
+        preds = pd.read_json(run / "predictions.jsonl", lines=True)
+        y = (preds.label == "fake").astype(int)
+        pred = (preds.prediction == "fake").astype(int).where(preds.prediction != "unclear", 1 - y)
+        assert len(preds) == json.loads((run / "metrics.json").read_text())["n"] > 0
+        assert rows.f1[i] == pytest.approx(skm.f1_score(y, pred, zero_division=0), abs=1e-6)
+        assert rows.accuracy[i] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-6)
+        # the result line and status --json carry the step count that train_dapo.py's summary reported, and the
+        # seed the runner gave it is the one it trained with
+        log = (run / "run.log").read_text()
+        steps = int(next(line.split()[1] for line in log.splitlines() if line.startswith("num_steps:")))
+        assert f"steps={steps} " in verdicts[i] and steps > 0
+        info = json.loads(cli(ws, "status", "--json").stdout)
+        assert info["recent"][i]["run_id"] == run.name and info["recent"][i]["steps"] == steps
+        assert json.loads((run / "run.json").read_text())["seed"] == i
+    assert info["seed_noise"]["df"] == 1 and info["best"]["seeds"] == 2
 
 
 def test_unchanged_file_is_refused(ws):
@@ -81,10 +87,10 @@ def test_worse_variant_is_discarded_and_reset(ws):
     assert out.startswith("discard") and "steps=0 " in out
     assert lines[-2].startswith("warning: 0 steps against")  # a budget of 0 makes no step: said, above the result
     assert repo.head.commit.hexsha == kept and "100000" not in (ws / "train_dapo.py").read_text()
-    run = sorted((ws / "runs").glob("0002-*"))[0]
+    run = sorted((ws / "runs").glob("0003-*"))[0]
     assert "LORA_ALPHA = 100000" in (run / "patch.diff").read_text()
     assert not (run / "adapter").exists()
-    assert results(ws).status.tolist() == ["keep", "discard"]
+    assert results(ws).status.tolist() == ["keep", "repeat", "discard"]
 
 
 def test_crash_is_recorded_and_reset(ws):
@@ -102,11 +108,11 @@ def test_tampered_fixed_file_is_refused(ws):
     ev = ws / "evaluate.py"
     original = ev.read_text()
     ev.write_text(original + "\n# tampered\n")
-    edit(ws / "train_dapo.py", ("SEED = 0", "SEED = 1"))
+    edit(ws / "train_dapo.py", ("LORA_RANK = 16", "LORA_RANK = 8"))
     try:
         r = cli(ws, "run", "tampered", check=False)
         assert r.returncode == 2 and "evaluate.py" in r.stderr
-        assert len(results(ws)) == 3
+        assert len(results(ws)) == 4
     finally:
         ev.write_text(original)
 
@@ -147,8 +153,12 @@ def test_export_round_trip(ws):
     assert json.loads((out / "generation_config.json").read_text()).get("do_sample") in (False, None)
     model, processor = load(str(out))
     m, _ = evaluation.evaluate_model(model, processor, active(), "val")
-    run = next((ws / "runs").glob("0001-*"))
-    assert m["f1"] == pytest.approx(json.loads((run / "metrics.json").read_text())["f1"], abs=1e-6)
+    best = loop.Workspace(ws).best_kept()  # the baseline; its better seed is the one exported
+    assert f"({best['run_id']})" in (out / "README.md").read_text().splitlines()[0]
+    f1 = {i: json.loads((ws / "runs" / i / "run.json").read_text())["f1"] for i in best["run_ids"]}
+    assert best["run_id"] == max(f1, key=f1.get)
+    assert m["f1"] == pytest.approx(json.loads((ws / "runs" / best["run_id"] / "metrics.json").read_text())["f1"],
+                                    abs=1e-6)
 
 
 def test_two_processes_under_torchrun(ws):

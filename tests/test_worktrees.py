@@ -52,9 +52,9 @@ def test_a_pinned_worktree_refuses_more_gpus(project):
 def test_status_all_merges_every_loop(project):
     for tag, runs in RUNS.items():
         ws = loop.Workspace(project.parent / f"proj-{tag}")
-        head = ws.repo.head.commit.hexsha
         for i, (status, f1) in enumerate(runs):
-            lock = dict(run_id=f"{i + 1:04d}-{tag}", commit=head, kept=head, description=f"{tag} run {i + 1}",
+            commit = f"{i:x}" * 40  # one commit per run: each is its own configuration
+            lock = dict(run_id=f"{i + 1:04d}-{tag}", commit=commit, kept=commit, description=f"{tag} run {i + 1}",
                         started=time.time())
             loop.finish(ws, lock, ws.runs / lock["run_id"], status, dict(f1=f1, accuracy=f1), 1.0, 0.9)
     out = cli(project, "status", "--all", "--json").stdout
@@ -63,7 +63,7 @@ def test_status_all_merges_every_loop(project):
     assert [(r["loop"], r["f1"]) for r in info["recent"]] == [
         ("w-gpu0", 0.5), ("w-gpu1", 0.6), ("w-gpu0", 0.4), ("w-gpu1", 0.7), ("w-gpu1", 0.0)]
     assert (info["runs"], info["keeps"], info["discards"], info["crashes"]) == (5, 3, 1, 1)
-    assert info["best"]["f1"] == 0.7 and info["best"]["loop"] == "w-gpu1"
+    assert info["best"]["mean_f1"] == 0.7 and info["best"]["loop"] == "w-gpu1"
     assert (project / "progress-all.png").stat().st_size > 0
     text = cli(project, "status", "--all").stdout
-    assert "best: f1=0.7000" in text and "in w-gpu1" in text
+    assert "best: mean f1=0.7000 over 1 seed" in text and "in w-gpu1" in text

@@ -463,7 +463,7 @@ def run(description: str, budget: int | None = None, long: bool = False, gpus: s
     kind = "long" if long else "repeat" if repeat else "baseline" if best is None else "candidate"
     with interruptible():
         while True:
-            record, c = _attempt(ws, commit, kept, description, kind, budget, n_gpus, seconds, val, best)
+            record = _attempt(ws, commit, kept, description, kind, budget, n_gpus, seconds, val, best)
             if record["status"] == "keep" and kind == "baseline":
                 kind, best = "repeat", ws.best_kept()  # the baseline's second seed
             elif record["status"] == "confirm":
@@ -472,7 +472,7 @@ def run(description: str, budget: int | None = None, long: bool = False, gpus: s
                 return record
 
 
-def _attempt(ws, commit, kept, description, kind, budget, n_gpus, seconds, val, best) -> tuple[dict, dict]:
+def _attempt(ws, commit, kept, description, kind, budget, n_gpus, seconds, val, best) -> dict:
     """One run of `commit` on its next seed: train, score, decide, record, print its result line."""
     setup = active()
     records = ws.records()
@@ -508,7 +508,7 @@ def _attempt(ws, commit, kept, description, kind, budget, n_gpus, seconds, val, 
     if crash:
         record = finish(ws, lock, run_dir, "crash", note=crash, steps=steps, memory_gb=memory)
         print(f"crash   {crash}  log={run_dir / 'run.log'}")
-        return record, {}
+        return record
     c = {}
     if kind in ("long", "repeat", "baseline"):
         status = "keep" if kind == "baseline" else kind
@@ -524,7 +524,7 @@ def _attempt(ws, commit, kept, description, kind, budget, n_gpus, seconds, val, 
     mins, secs = divmod(int(record["seconds"]), 60)
     print(f"{status:<7} f1={m['f1']:.4f} ({explain(ws, kind, record, c, best)})  steps={steps}  "
           f"mem={memory:.1f}GB  {mins}m{secs:02d}s  run={run_dir}", flush=True)
-    return record, c
+    return record
 
 
 def explain(ws: Workspace, kind: str, r: dict, c: dict, best: dict | None) -> str:
