@@ -74,9 +74,9 @@ def rates(seed_sd: float, trials: int, earlier: int, seed: int = 0) -> dict:
 def test_real_gains_are_kept_and_zero_effects_rarely(seed_sd, earlier):
     """At P_BETTER 0.8 a calibrated one-sided rule keeps a zero-effect edit about one time in five at most; the
     rates over more trials and noise levels are in BENCHMARKS.md."""
-    r = rates(seed_sd, trials=200, earlier=earlier)
+    r = rates(seed_sd, trials=300, earlier=earlier)
     assert r["real_kept"] >= 0.7  # an improvement of two noise sigmas: kept most of the time
-    assert r["zero_kept"] <= 0.25  # an edit that changes nothing: rarely
+    assert r["zero_kept"] <= 0.3  # an edit that changes nothing: rarely (about 0.2 over many trials)
     assert r["zero_kept"] < r["today_zero_kept"] - 0.03  # and less often than by one run's bootstrap alone
 
 

@@ -414,11 +414,11 @@ def rule(labels: list, best: list[list], candidate: list[list], f1s: list[list[f
 def compare(ws: Workspace, best: dict, commit: str, runs: list[dict]) -> dict:
     """`rule` for the candidate `commit` (`runs`: its scored runs, this one included, each with run_id and f1)
     against the best kept configuration, from the runs' saved predictions."""
-    a = [_predictions(ws.runs / i) for i in best["run_ids"]]
-    b = [_predictions(ws.runs / r["run_id"]).loc[a[0].index] for r in runs]
+    a, b = ([_predictions(ws.runs / i) for i in ids] for ids in (best["run_ids"], [r["run_id"] for r in runs]))
+    clips = a[0].index  # every run's predictions in one clip order
     others = [c["f1s"] for c in ws.configurations() if c["commit_full"] != commit]
-    return rule(a[0].label.tolist(), [x.prediction.tolist() for x in a], [x.prediction.tolist() for x in b],
-                others + [[r["f1"] for r in runs]])
+    return rule(a[0].label.tolist(), [x.prediction.loc[clips].tolist() for x in a],
+                [x.prediction.loc[clips].tolist() for x in b], others + [[r["f1"] for r in runs]])
 
 
 def verdict(c: dict) -> str:
