@@ -166,3 +166,36 @@ def test_four_bit_load_keeps_vision_and_lm_head_unquantised(tiny_home):
     assert not isinstance(m.lm_head, bnb.nn.Linear4bit)
     done = engine.generate(m, p, model.encode(p, clips(1), 56 * 56), greedy=True, max_new_tokens=8)
     assert done.ids.shape[0] == 1
+
+
+def test_batched_vision_windows_match_the_hf_tower():
+    """The tower with one attention call per window length equals Hugging Face's call per window, values and
+    gradients, on videos whose windows differ in size (grids not multiples of the window)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VisionTransformerPretrainedModel,
+                                                                    Qwen2_5_VLVisionConfig)
+    torch.manual_seed(0)
+    config = Qwen2_5_VLVisionConfig(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+                                    fullatt_block_indexes=[1, 3], window_size=112)
+    config._attn_implementation = "sdpa"
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config).float()
+    grid = torch.tensor([[2, 4, 4], [4, 12, 20], [2, 22, 10], [1, 16, 16]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
+    weight = tower.patch_embed.proj.weight
+
+    def run():
+        out = tower(pixels, grid_thw=grid)
+        return out.pooler_output, out.last_hidden_state, torch.autograd.grad(out.pooler_output.square().sum(), weight)[0]
+
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    ref = run()
+    with engine.batched_windows(tower):
+        try:
+            torch.nn.functional.scaled_dot_product_attention = lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k)
+            ours = run()
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+    assert tower.config._attn_implementation == "sdpa"  # restored
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    lengths = {int(s[2]) for s in calls}
+    assert len(lengths) > 1 and len(calls) <= 4 * len(lengths)  # a call per window length and layer, not per window

@@ -35,7 +35,8 @@ def main(argv=None):
     s.add_argument("--gpus", help=GPUS)
     s.add_argument("--repeat", action="store_true",
                    help="run the kept commit again on a new seed (its mean over seeds is its score)")
-    s = sub.add_parser("status", help="best run, keep rate, recent runs, plateau; writes progress.png")
+    s = sub.add_parser("status", help="configurations by mean F1, seed noise, keep rate, recent runs, plateau; "
+                       "writes progress.png")
     s.add_argument("--json", action="store_true", help="machine-readable, for the agent")
     s.add_argument("--all", action="store_true", help="every worktree's loop in one table and progress-all.png")
     s = sub.add_parser("train", help="a long run of the current train_dapo.py, recorded with status long")

@@ -75,6 +75,7 @@ class Setup:
     def time_budget(self) -> int:
         """Training seconds per experiment: the profile's, or the runner's override for long runs and the demo."""
         return int(os.environ.get("AUTOBUSTER_TIME_BUDGET", self.settings.time_budget))
+
     @property
     def seed(self) -> int:
         """The run's seed, from the runner: each run of one train_dapo.py commit gets its own (0, 1, 2, ...)."""
