@@ -11,7 +11,8 @@ from autobuster.cli import main
 def test_bench_runs_both_paths_and_agrees_with_generate(tmp_path):
     out = tmp_path / "bench.json"
     main(["bench", "--size", "tiny", "--frames", "4", "--side", "56", "--prompts", "2", "--group", "2",
-          "--new-tokens", "4", "--check", "--json", str(out)])
+          "--new-tokens", "4", "--check", "--eval-clips", "3", "--eval-batch", "2", "--eval-new-tokens", "4",
+          "--json", str(out)])
     r = json.loads(out.read_text())
     agree = r["greedy_agreement"]
     for key in ("free", "forced", "plain_forced", "forced_clear", "free_clear"):
@@ -20,6 +21,7 @@ def test_bench_runs_both_paths_and_agrees_with_generate(tmp_path):
     assert r["setting"]["rows"] == 4 and r["setting"]["prompt_tokens"] == 142 + (4 // 2) * (56 // 28) ** 2  # text + video tokens
     for path in ("engine", "plain"):
         assert r[path]["rollout_tokens_per_s"] > 0 and r[path]["update_s"] > 0
+    assert r["eval"]["clips"] == 3 and r["eval"]["batch"] == 2 and r["eval"]["clips_per_s"] > 0
 
 
 def test_bench_refuses_an_unknown_size(capsys):

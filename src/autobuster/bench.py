@@ -17,6 +17,7 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from . import distributed, engine
 from .errors import UserError
 from .model import default_device, lora_targets, nf4
+from .profiles import PROFILES
 
 TEXT = {  # language-model shapes of the public checkpoints
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -150,6 +151,20 @@ def engine_update(model, batch, ids, group, micro_tokens, r):
     r["update_peak_gb"] = peak_gb(reset=True)
 
 
+def eval_throughput(model, clips, batch_size, new_tokens, frames, side, r):
+    """The fixed evaluation's path as evaluate.py runs it: LoRA merged, greedy, `batch_size` clips per decode, the
+    A/B logits tracked; random weights never end a reply, so every one runs to the cap."""
+    kw = dict(ends=[], banned=special(model), pad=0, greedy=True, track_ids=[32, 33])
+    batches = [prompts(min(batch_size, clips - i), frames, side, seed=100 + i) for i in range(0, clips, batch_size)]
+    with engine.merged_lora(model):
+        engine.decode(model, batches[0], 1, 2, **kw)  # warm-up
+        peak_gb(reset=True)
+        with clock(r, "s"):
+            for b in batches:
+                engine.decode(model, b, 1, new_tokens, **kw)
+    r.update(clips=clips, batch=batch_size, new_tokens=new_tokens, clips_per_s=clips / r["s"], peak_gb=peak_gb(True))
+
+
 def plain_rollout(model, batch, group, new, r):
     """Hugging Face generate: every sample repeats the vision tower and the prefill."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
@@ -244,7 +259,8 @@ def with_lora(model):
 
 
 def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_tokens=512, four_bit=False,
-          plain=True, micro_tokens=16384, plain_micro_rows=8, check=False, out=None):
+          plain=True, micro_tokens=16384, plain_micro_rows=8, check=False, out=None, eval_clips=64,
+          eval_batch=PROFILES["genbuster"].eval_batch, eval_new_tokens=PROFILES["genbuster"].eval_max_new_tokens):
     if size not in TEXT:
         raise UserError(f"unknown --size {size!r}: use one of {', '.join(TEXT)}")
     if frames % 2 or side < 56:
@@ -290,6 +306,11 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
             r["prompts_per_s"] = world * prompts_per_step / r["step_s"]
         result[name] = r
         print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
+    if eval_clips:
+        model.eval()
+        result["eval"] = r = {}
+        eval_throughput(model, eval_clips, eval_batch, eval_new_tokens, frames, side, r)
+        print("eval", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
     bw = copy_bandwidth()
     text = TEXT[size]
     kv_per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * (

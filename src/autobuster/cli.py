@@ -4,6 +4,7 @@ import os
 import sys
 
 from .errors import UserError
+from .profiles import PROFILES
 
 if not sys.stderr.isatty():  # progress bars redraw with \r: in a log file they are noise (set before tqdm loads)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -57,6 +58,11 @@ def main(argv=None):
     s.add_argument("--no-plain", action="store_true", help="skip the plain Hugging Face path")
     s.add_argument("--micro-tokens", type=int, default=16384, help="engine update: tokens per micro-batch")
     s.add_argument("--check", action="store_true", help="greedy agreement with generate, first 64 tokens")
+    s.add_argument("--eval-clips", type=int, default=64, help="clips for the evaluation timing (0 skips it)")
+    s.add_argument("--eval-batch", type=int, default=PROFILES["genbuster"].eval_batch,
+                   help="clips per greedy evaluation batch (default: the genbuster profile's)")
+    s.add_argument("--eval-new-tokens", type=int, default=PROFILES["genbuster"].eval_max_new_tokens,
+                   help="evaluation reply cap (default: the genbuster profile's)")
     s.add_argument("--json", help="write the results to this file")
     a = p.parse_args(argv)
     if a.cmd in ("init", "run", "status", "train", "worktrees"):
@@ -74,7 +80,8 @@ def main(argv=None):
     elif a.cmd == "bench":
         from .bench import bench
         guarded(bench, a.size, a.frames, a.side, a.prompts, a.group, a.new_tokens, a.four_bit, not a.no_plain,
-                a.micro_tokens, check=a.check, out=a.json)
+                a.micro_tokens, check=a.check, out=a.json, eval_clips=a.eval_clips, eval_batch=a.eval_batch,
+                eval_new_tokens=a.eval_new_tokens)
     elif a.cmd == "demo":
         from .demo import demo
         guarded(demo)
