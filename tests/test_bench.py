@@ -22,6 +22,11 @@ def test_bench_runs_both_paths_and_agrees_with_generate(tmp_path):
     for path in ("engine", "plain"):
         assert r[path]["rollout_tokens_per_s"] > 0 and r[path]["update_s"] > 0
     assert r["eval"]["clips"] == 3 and r["eval"]["batch"] == 2 and r["eval"]["clips_per_s"] > 0
+    # the floors: every row's copy of its prompt (old), each prompt once per group (shared), the engine's buffer
+    f, plen = r["floor"], r["setting"]["prompt_tokens"]
+    assert f["old_kv_gb"] / f["shared_kv_gb"] == pytest.approx((4 * (plen + 2)) / (2 * plen + 4 * 2))
+    assert f["path_kv_gb"] / f["old_kv_gb"] == pytest.approx((plen + 4 + 2) / (plen + 2))
+    assert {"weights_read_gb", "shared_ms_per_step", "path_ms_per_step", "decode_ms_per_step"} <= f.keys()  # ms: GPU
 
 
 def test_bench_refuses_an_unknown_size(capsys):

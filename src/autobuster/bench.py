@@ -316,8 +316,22 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
     kv_per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * (
         text["hidden_size"] // text["num_attention_heads"]) * 2
     lm_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "visual" not in n)
-    floor_s = (lm_bytes + rows * (plen + new_tokens / 2) * kv_per_token) / bw  # weights + mean KV, read per step
-    result["floor"] = dict(copy_tb_per_s=bw / 1e12, decode_ms_per_step=1000 * floor_s, tokens_per_s=rows / floor_s)
+    # a decode step reads every weight but the input embedding (it gathers one row per token; a tied one is the head)
+    tied = model.config.tie_word_embeddings
+    read = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if "visual" not in n and "lora_" not in n and (tied or "embed_tokens" not in n))
+    kv_tokens = {  # KV one decode step reads, at the mean completion length
+        "old": rows * (plen + new_tokens / 2),  # every row its own copy of its prompt (the floor printed first)
+        "shared": prompts_per_step * plen + rows * new_tokens / 2,  # each prompt's KV once per group (cascade)
+        "path": rows * (plen + new_tokens + 2),  # what the engine's decode reads today: its whole static cache
+    }
+    floor = dict(copy_tb_per_s=bw / 1e12, weights_read_gb=read / 1e9)
+    for name, tokens in kv_tokens.items():
+        seconds = ((lm_bytes if name == "old" else read) + tokens * kv_per_token) / bw
+        floor |= {f"{name}_kv_gb": tokens * kv_per_token / 1e9, f"{name}_ms_per_step": 1000 * seconds,
+                  f"{name}_tokens_per_s": rows / seconds}
+    # the keys earlier JSONs have: the old floor
+    result["floor"] = floor | dict(decode_ms_per_step=floor["old_ms_per_step"], tokens_per_s=floor["old_tokens_per_s"])
     if plain and "rollout_s" in result.get("plain", {}) and "rollout_s" in result["engine"]:
         e, p = result["engine"], result["plain"]
         result["ratios"] = dict(rollout=e["rollout_tokens_per_s"] / p["rollout_tokens_per_s"],
