@@ -601,7 +601,7 @@ def status(as_json: bool = False, all_loops: bool = False, ws: Workspace | None 
           f"repeat {info['repeats']}  confirm {info['confirms']}  keep rate {info['keep_rate']:.2f}  "
           f"runs since keep {since}" + (f"  PLATEAU (no keep in {PLATEAU} runs)" if info["plateau"] else ""))
     print(f"seed noise: sd {var ** 0.5:.4f} of val F1 between seeds of identical code ({df} df, from "
-          f"{info['seed_noise']['configurations']} configurations with several runs)" if df else
+          f"{info['seed_noise']['configurations']} configuration(s) with several runs)" if df else
           "seed noise: not measured yet (the baseline's second seed measures it)")
     if ranked:
         print("configurations by mean val F1:")
