@@ -34,6 +34,72 @@ def test_greedy_matches_hf_generate(policy):
             assert ours.ids[i, :k].tolist() == ref[i, :k].tolist()
 
 
+def test_cascade_greedy_matches_hf_generate(policy):
+    """Shared-prompt decode, G rows per prompt, against Hugging Face generate on each prompt alone: prompts of
+    different lengths (left padding), groups that end at different steps."""
+    m, p = policy
+    batch = model.encode(p, clips(3, seed=4), 56 * 56,
+                         [model.chat_text(p, "no_think"), model.chat_text(p), model.chat_text(p, "no_think")])
+    assert batch["attention_mask"].min() == 0 and engine.uses_cascade(m, 2) and not engine.uses_cascade(m, 1)
+    tok = p.tokenizer
+    ends = engine.end_ids(tok) + tok.encode(">A")[:1]  # the answer A ends a reply: rows end at different steps
+    ids, _ = engine.decode(m, batch, 2, 40, ends, engine.banned_ids(tok), tok.pad_token_id, greedy=True,
+                           cascade=True)
+    ref = m.generate(**batch, do_sample=False, max_new_tokens=40, eos_token_id=ends, pad_token_id=tok.pad_token_id,
+                     suppress_tokens=engine.banned_ids(tok))
+    ref = ref[:, batch["input_ids"].shape[1]:]
+    lengths = engine.completion_mask(ids, ends)[0].sum(1).tolist()
+    assert len(set(lengths)) > 1
+    for row, k in enumerate(lengths):
+        assert ids[row, :k].tolist() == ref[row // 2, :k].tolist()
+
+
+def test_cascade_sampling_equals_the_expanded_cache(policy):
+    """Same seed, same draws: the shared-prompt cache and the per-row copy give the same tokens and the same
+    logits of the tracked tokens at every step."""
+    m, p = policy
+    batch = model.encode(p, clips(2, seed=5), 56 * 56, [model.chat_text(p, "no_think"), model.chat_text(p)])
+    tok = p.tokenizer
+    out = []
+    for cascade in (True, False):
+        torch.manual_seed(3)
+        out.append(engine.decode(m, batch, 4, 24, engine.end_ids(tok), engine.banned_ids(tok), tok.pad_token_id,
+                                 temperature=3.0, track_ids=list(range(40)), cascade=cascade))
+    (ids_c, tracked_c), (ids_e, tracked_e) = out
+    assert ids_c.tolist() == ids_e.tolist()
+    assert len({tuple(r) for r in ids_c.tolist()}) == 8  # rows of a group differ
+    assert len(set(engine.completion_mask(ids_c, engine.end_ids(tok))[0].sum(1).tolist())) > 1  # and end apart
+    torch.testing.assert_close(tracked_c, tracked_e, rtol=1e-5, atol=1e-5)
+
+
+def test_cascade_attention_equals_attention_over_the_whole_row():
+    """`_cascade_attention` against plain softmax attention of each row over its prompt (left padding masked) and
+    its own completion so far, grouped-query heads included."""
+    torch.manual_seed(0)
+    prompts, group, kv, per, dim, plen, room, steps = 2, 3, 2, 3, 8, 7, 16, 5
+    rows = prompts * group
+    prompt_k, prompt_v = torch.randn(2, prompts, kv, plen, dim)
+    attention = torch.ones(prompts, plen, dtype=torch.long)
+    attention[1, :3] = 0
+
+    class Prefill:
+        layers = [type("L", (), {"keys": prompt_k, "values": prompt_v})]
+
+    cache = engine._CascadeCache(Prefill, attention, group, room, engine._attend_math)
+    own_k, own_v = torch.randn(2, rows, kv, steps, dim)
+    for t in range(steps):
+        cache.advance(torch.tensor([t]))
+        key, value = cache.update(own_k[:, :, t:t + 1], own_v[:, :, t:t + 1], 0)
+    query = torch.randn(rows, kv * per, 1, dim)
+    ours, _ = engine._cascade_attention(None, query, key, value, cache, scaling=0.3)
+    for r in range(rows):
+        seen = attention[r // group].bool()
+        k = torch.cat([prompt_k[r // group][:, seen], own_k[r]], 1).repeat_interleave(per, 0)
+        v = torch.cat([prompt_v[r // group][:, seen], own_v[r]], 1).repeat_interleave(per, 0)
+        want = torch.nn.functional.scaled_dot_product_attention(query[r], k, v, scale=0.3)  # [heads, 1, dim]
+        torch.testing.assert_close(ours[r, 0], want[:, 0], rtol=1e-5, atol=1e-6)
+
+
 def repeat(batch, n):
     """The oracle's input: every prompt and its video repeated n times, as Hugging Face would see G samples."""
     out = {k: v.repeat_interleave(n, 0) for k, v in batch.items() if k != "pixel_values_videos"}
@@ -188,7 +254,7 @@ def test_batched_vision_windows_match_the_hf_tower():
 
     calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
     ref = run()
-    with engine.batched_windows(tower):
+    with engine.attention_as(tower.config, engine.WINDOWS):
         try:
             torch.nn.functional.scaled_dot_product_attention = lambda *a, **k: calls.append(a[0].shape) or sdpa(*a, **k)
             ours = run()

@@ -258,6 +258,10 @@ def with_lora(model):
     return lora
 
 
+def _aligned(n: int) -> int:
+    return -(-n // engine.ALIGN) * engine.ALIGN
+
+
 def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_tokens=512, four_bit=False,
           plain=True, micro_tokens=16384, plain_micro_rows=8, check=False, out=None, eval_clips=64,
           eval_batch=PROFILES["genbuster"].eval_batch, eval_new_tokens=PROFILES["genbuster"].eval_max_new_tokens):
@@ -273,7 +277,8 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
     rows, plen = prompts_per_step * group, batch["input_ids"].shape[1]
     setting = dict(size=size, frames=frames, side=side, prompt_tokens=plen, prompts=prompts_per_step, group=group,
                    rows=rows, new_tokens=new_tokens, weights="nf4" if four_bit else "bf16" if device.type == "cuda" else "fp32", gpus=world,
-                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu")
+                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                   cascade=engine.uses_cascade(model, group))
     print(json.dumps(setting))
     result = dict(setting=setting, weights_gb=peak_gb(reset=True))
     if check:
@@ -323,7 +328,9 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
     kv_tokens = {  # KV one decode step reads, at the mean completion length
         "old": rows * (plen + new_tokens / 2),  # every row its own copy of its prompt (the floor printed first)
         "shared": prompts_per_step * plen + rows * new_tokens / 2,  # each prompt's KV once per group (cascade)
-        "path": rows * (plen + new_tokens + 2),  # what the engine's decode reads today: its whole static cache
+        # what the engine's decode reads: its whole static cache, each prompt once if it shares them (cascade)
+        "path": (prompts_per_step * _aligned(plen) + rows * _aligned(new_tokens + 2)) if setting["cascade"]
+        else rows * (plen + new_tokens + 2),
     }
     floor = dict(copy_tb_per_s=bw / 1e12, weights_read_gb=read / 1e9)
     for name, tokens in kv_tokens.items():

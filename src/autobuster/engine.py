@@ -6,7 +6,7 @@ to its G rows of a preallocated cache, and the decode step (all layers, sampling
 the GPU, replayed until every row has ended. The model's own layers do the maths, so greedy outputs equal
 `generate` token for token (tests/test_engine.py)."""
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -75,15 +75,15 @@ AttentionInterface.register(WINDOWS, _window_attention)
 
 
 @contextmanager
-def batched_windows(tower):
-    """The vision `tower` with its windows batched by `_window_attention`, its own setting restored after (an export
-    must not save the name)."""
-    before = tower.config._attn_implementation
-    tower.config._attn_implementation = WINDOWS
+def attention_as(config, name: str):
+    """The model parts built from `config` with their attention as `name` for a while, their own setting restored
+    after (an export must not save the name)."""
+    before = config._attn_implementation
+    config._attn_implementation = name
     try:
-        yield tower
+        yield
     finally:
-        tower.config._attn_implementation = before
+        config._attn_implementation = before
 
 
 def video_features(model, batch, prompts: list[int] | None = None) -> dict[int, torch.Tensor]:
@@ -92,7 +92,7 @@ def video_features(model, batch, prompts: list[int] | None = None) -> dict[int, 
     grid = batch["video_grid_thw"]
     pixels = batch["pixel_values_videos"].split(grid.prod(-1).tolist())
     core = unwrap(model).model
-    with batched_windows(core.visual):
+    with attention_as(core.visual.config, WINDOWS):
         out = core.get_video_features(torch.cat([pixels[i] for i in prompts]), grid[prompts], return_dict=True)
     return dict(zip(prompts, out.pooler_output))
 
@@ -119,24 +119,151 @@ def _inputs(core, batch, features, rows=None, ids=None):
 
 
 class _StaticCache:
-    """Preallocated keys and values of every layer, [rows, kv heads, prompt + new tokens, head dim]. The attention
-    layers call `update`, which writes the new token at `self.pos` in place: no shape changes, so one CUDA graph
-    serves every decode step."""
+    """Preallocated keys and values of every layer, [rows, kv heads, prompt + new tokens, head dim], each prompt's
+    copied to its G rows. The attention layers call `update`, which writes the new token at `pos` in place: no shape
+    changes, so one CUDA graph serves every decode step."""
 
-    def __init__(self, prefill, num_samples: int, total: int):
-        self.pos = torch.zeros(1, dtype=torch.long, device=prefill.layers[0].keys.device)
+    def __init__(self, prefill, attention, num_samples: int, room: int):
+        self.prompt_len = attention.shape[1]
+        self.pos = torch.zeros(1, dtype=torch.long, device=attention.device)
         self.keys, self.values = [], []
         for layer in prefill.layers:
             for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
                 b, h, p, d = src.shape
-                buf = src.new_zeros(b, num_samples, h, total, d)
-                buf[:, :, :, :p] = src[:, None]  # the prompt's cache, shared by its G rows
-                dst.append(buf.view(b * num_samples, h, total, d))
+                buf = src.new_zeros(b, num_samples, h, p + room, d)
+                buf[:, :, :, :p] = src[:, None]
+                dst.append(buf.view(b * num_samples, h, p + room, d))
+        self.mask = torch.zeros(len(attention) * num_samples, 1, 1, self.prompt_len + room, dtype=torch.bool,
+                                device=attention.device)
+        self.mask[:, 0, 0, :self.prompt_len] = attention.bool().repeat_interleave(num_samples, 0)
+        self.state = [self.pos, self.mask]  # what a decode step changes besides the keys and values
+
+    def advance(self, step):
+        """Before the layers of a step: the token chosen at `step` is written, and seen, at its place."""
+        self.pos.copy_(step + self.prompt_len)
+        self.mask.index_fill_(3, self.pos, True)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         self.keys[layer_idx].index_copy_(2, self.pos, key)
         self.values[layer_idx].index_copy_(2, self.pos, value)
         return self.keys[layer_idx], self.values[layer_idx]
+
+
+class _CascadeCache(_StaticCache):
+    """The shared-prompt cache: each prompt's keys and values once, [prompts, kv heads, prompt, head dim], and each
+    row's own completion in [rows, kv heads, new tokens, head dim]. The G rows of a group share their prompt
+    exactly, so its part of the attention is computed once per group (`_cascade_attention`): 8 x 8 rows at 7B read
+    1 GB of prompt keys and values per decode step instead of 8 GB. The cache is its own attention mask: the layers
+    hand it to the attention function, which finds both parts' biases on it."""
+
+    def __init__(self, prefill, attention, num_samples: int, room: int, attend):
+        self.attend, self.pos = attend, torch.zeros(1, dtype=torch.long, device=attention.device)
+        room = -(-room // ALIGN) * ALIGN  # the memory-efficient kernel wants the bias rows 16-aligned
+        plen = -(-attention.shape[1] // ALIGN) * ALIGN  # left as it is, the prompt pads on the right are masked
+        self.prompt_keys, self.prompt_values, self.keys, self.values = [], [], [], []
+        for layer in prefill.layers:
+            for src, prompt, own in ((layer.keys, self.prompt_keys, self.keys),
+                                     (layer.values, self.prompt_values, self.values)):
+                b, h, p, d = src.shape
+                prompt.append(F.pad(src, (0, 0, 0, plen - p)))
+                own.append(src.new_zeros(b * num_samples, h, room, d))
+        low = torch.finfo(self.prompt_keys[0].dtype).min  # additive biases: finite, so no row is ever all -inf
+        opened = F.pad(attention.bool(), (0, plen - attention.shape[1]))
+        self.prompt_bias = torch.zeros(opened.shape, dtype=self.prompt_keys[0].dtype,
+                                       device=opened.device).masked_fill(~opened, low)[:, None, None]
+        self.bias = torch.full((1, 1, 1, room), low, dtype=self.prompt_bias.dtype, device=opened.device)
+        self.mask = self
+        self.state = [self.pos, self.bias]
+
+    def advance(self, step):
+        self.pos.copy_(step)
+        self.bias.index_fill_(3, self.pos, 0)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        keys, values = super().update(key, value, layer_idx)
+        return (self.prompt_keys[layer_idx], keys), (self.prompt_values[layer_idx], values)
+
+
+ALIGN = 16
+
+
+def _cascade_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """One decode step's attention over a `_CascadeCache`: the G rows' queries of a group stacked against their
+    prompt's keys once (as Hydragen and FlashInfer's cascade do), each row against its own completion, the two
+    parts merged exactly by their log-sum-exps. query [rows, heads, 1, dim]; key and value as `update` returns."""
+    cache = attention_mask
+    (prompt_k, own_k), (prompt_v, own_v) = key, value
+    rows, heads, _, dim = query.shape
+    prompts, kv = prompt_k.shape[:2]
+    group, per = rows // prompts, heads // kv  # q head h reads kv head h // per, as repeat_kv arranges
+    q = query.view(prompts, group, kv, per, dim).transpose(1, 2).reshape(prompts, kv, group * per, dim)
+    out_p, lse_p = cache.attend(q, prompt_k, prompt_v, cache.prompt_bias, scaling)
+    out_p = out_p.view(prompts, kv, group, per, dim).transpose(1, 2).reshape(rows, kv, per, dim)
+    lse_p = lse_p.view(prompts, kv, group, per).transpose(1, 2).reshape(rows, kv, per)
+    out_c, lse_c = cache.attend(query.view(rows, kv, per, dim), own_k, own_v, cache.bias, scaling)
+    # softmax over both parts = (e^lse_p out_p + e^lse_c out_c) / (e^lse_p + e^lse_c)
+    share = torch.sigmoid(lse_p - lse_c).unsqueeze(-1)
+    out = out_c.float() + share * (out_p.float() - out_c.float())
+    return out.to(query.dtype).view(rows, 1, heads, dim), None
+
+
+CASCADE = "autobuster_cascade"
+AttentionInterface.register(CASCADE, _cascade_attention)
+
+
+def _attend_math(q, k, v, bias, scale):
+    """(attention output, natural-log log-sum-exp of the scores, fp32) for q [b, h, n, d] against k, v [b, h, m, d]
+    with an additive bias broadcast to [b, h, n, m]: the reference every kernel is checked against."""
+    s = (q.float() @ k.float().mT) * scale + bias.float()
+    lse = s.logsumexp(-1)
+    return ((s - lse[..., None]).exp() @ v.float()).to(q.dtype), lse
+
+
+def _attend_efficient(q, k, v, bias, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias.expand(len(q), q.shape[1], q.shape[2], k.shape[2]), True, scale=scale)[:2]
+    return out, lse[..., :q.shape[2]]  # the log-sum-exp may be padded along the queries
+
+
+def _attend_cudnn(q, k, v, bias, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, bias.expand(len(q), q.shape[1], q.shape[2], k.shape[2]), True, scale=scale)[:2]
+    return out, lse.reshape(q.shape[:3])
+
+
+_ATTEND = {}
+
+
+def attend_with_lse(device: torch.device, dtype: torch.dtype):
+    """The fastest kernel here that returns the log-sum-exp, checked once against `_attend_math` on a small case
+    shaped like a decode step's; None if no fused kernel passes on a GPU (the cascade is then off)."""
+    key = (device.type, dtype)
+    if key not in _ATTEND:
+        _ATTEND[key] = _attend_math if device.type != "cuda" else None
+        gen = torch.Generator(device).manual_seed(0)
+        q, k, v = (torch.randn(3, 2, n, 64, generator=gen, device=device).to(dtype) for n in (24, 48, 48))
+        bias = torch.zeros(3, 1, 1, 48, dtype=dtype, device=device)
+        bias[0, ..., :5] = torch.finfo(dtype).min
+        want, want_lse = _attend_math(q, k, v, bias, 0.125)
+        for fn in (_attend_efficient, _attend_cudnn) if device.type == "cuda" else ():
+            try:
+                out, lse = fn(q, k, v, bias, 0.125)
+                if (out - want).abs().max() < 0.02 and (lse.float() - want_lse).abs().max() < 0.02:
+                    _ATTEND[key] = fn
+                    break
+            except RuntimeError:
+                continue
+    return _ATTEND[key]
+
+
+def uses_cascade(model, num_samples: int) -> bool:
+    """Whether `decode` shares each prompt's cache among its rows: with several samples per prompt, a language model
+    of full-attention layers alone, and a kernel for `_cascade_attention` on this device."""
+    lm = unwrap(model).model.language_model
+    types = getattr(lm.config, "layer_types", None) or ["full_attention"]
+    p = next(lm.parameters())
+    return (num_samples > 1 and set(types) == {"full_attention"} and not getattr(lm.config, "use_sliding_window", False)
+            and attend_with_lse(p.device, p.dtype) is not None)
 
 
 @contextmanager
@@ -177,9 +304,10 @@ def _fused_rms_norm(lm):
 @torch.no_grad()
 def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int], banned: list[int], pad: int,
            greedy: bool = False, temperature: float = 1.0, track_ids: list[int] | None = None,
-           cuda_graph: bool | None = None):
+           cuda_graph: bool | None = None, cascade: bool | None = None):
     """(ids [rows, steps], tracked logits or None). Rows are prompt-major; a row that ended gets `pad`. With no
-    `ends` every row runs to max_new_tokens (the benchmark's setting)."""
+    `ends` every row runs to max_new_tokens (the benchmark's setting). `cascade`: share each prompt's cache among
+    its rows (`_CascadeCache`); by default wherever `uses_cascade` says it applies."""
     core = unwrap(model)
     lm = core.model.language_model
     device = core.lm_head.weight.device
@@ -188,13 +316,12 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
     out = lm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True)
     first = core.lm_head(out.last_hidden_state[:, -1]).float().repeat_interleave(num_samples, 0)
 
-    rows, prompt_len = len(first), embeds.shape[1]
+    rows = len(first)
     room = max_new_tokens + 2  # CUDA-graph capture runs the step twice first: room for those writes
-    total = prompt_len + room
-    cache = _StaticCache(out.past_key_values, num_samples, total)
+    cascade = uses_cascade(model, num_samples) if cascade is None else cascade
+    cache = (_CascadeCache(out.past_key_values, attention, num_samples, room, attend_with_lse(device, embeds.dtype))
+             if cascade else _StaticCache(out.past_key_values, attention, num_samples, room))
     del out
-    mask = torch.zeros(rows, 1, 1, total, dtype=torch.bool, device=device)
-    mask[:, 0, 0, :prompt_len] = attention.bool().repeat_interleave(num_samples, 0)
     next_pos = (positions.amax((0, 2)) + 1).repeat_interleave(num_samples, 0)  # text continues after the video
     ends_t = torch.tensor(ends, dtype=torch.long, device=device)
     banned_t = torch.tensor(banned, dtype=torch.long, device=device)
@@ -218,22 +345,21 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
 
     def step_fn():  # feed the token at `step`, choose the one after it
         token = ids.index_select(1, step).squeeze(1)
-        cache.pos.copy_(step + prompt_len)
-        mask.index_fill_(3, cache.pos, True)
+        cache.advance(step)
         h = lm.embed_tokens(token).unsqueeze(1)
         pos = (next_pos + step).view(1, rows, 1).expand(3, rows, 1)
         rope = lm.rotary_emb(h, pos)
         for layer in lm.layers:
-            h = layer(h, attention_mask=mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+            h = layer(h, attention_mask=cache.mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
         logits = core.lm_head(lm.norm(h[:, -1])).float()
         step.add_(1)
         choose(logits)
 
     choose(first)
-    with _fused_rms_norm(lm):
+    with _fused_rms_norm(lm), attention_as(lm.config, CASCADE) if cascade else nullcontext():
         run = step_fn
         if max_new_tokens > 1 and ((device.type == "cuda") if cuda_graph is None else cuda_graph):
-            run = _graphed(step_fn, [ids, tracked, done, step, mask, cache.pos])
+            run = _graphed(step_fn, [ids, tracked, done, step, *cache.state])
         every = EXIT_CHECK_EVERY if device.type == "cuda" else 1
         for t in range(1, max_new_tokens):
             if t % every == 0 and len(ends) and bool(done.all()):
