@@ -138,6 +138,44 @@ def test_token_logprobs_match_a_full_forward(policy):
     assert torch.allclose(sub, ref[part].detach(), atol=1e-4)
 
 
+def test_packed_update_matches_per_row_forward_with_lora(policy):
+    """The update's mask-free packed attention under LoRA, checkpointing on some layers and not others, uneven rows
+    per prompt: log-probs and LoRA gradients against Hugging Face's forward of each row alone (which computes its own
+    M-RoPE positions, 3-D video ones included)."""
+    from peft import LoraConfig, get_peft_model
+    m, p = policy
+    torch.manual_seed(1)
+    lora = get_peft_model(copy.deepcopy(m), LoraConfig(r=4, target_modules=r".*language_model.*(q|k|v|o)_proj"))
+    for name, w in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(w, std=0.1)
+    lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = model.encode(p, clips(2, seed=9), 56 * 56, [model.chat_text(p), model.chat_text(p, "no_think")])
+    assert batch["attention_mask"].min() == 0
+    prompt_of_row = torch.tensor([0, 0, 0, 1])
+    ids = engine.generate(lora.eval(), p, batch, num_samples=3, max_new_tokens=10).ids[:4]
+    lora.train()
+    weight = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2))
+    params = [w for n, w in lora.named_parameters() if "lora_" in n]
+    ref_rows = {k: v[prompt_of_row] for k, v in batch.items() if k != "pixel_values_videos"}
+    chunks = batch["pixel_values_videos"].split(batch["video_grid_thw"].prod(-1).tolist())
+    ref_rows["pixel_values_videos"] = torch.cat([chunks[i] for i in prompt_of_row.tolist()])
+    logits = lora(**{**ref_rows, "input_ids": torch.cat([ref_rows["input_ids"], ids], 1),
+                     "attention_mask": torch.cat([ref_rows["attention_mask"], torch.ones_like(ids)], 1),
+                     "mm_token_type_ids": torch.cat([ref_rows["mm_token_type_ids"], torch.zeros_like(ids)], 1)}).logits
+    ref = logits[:, ref_rows["input_ids"].shape[1] - 1:-1].float().log_softmax(-1)
+    ref = ref.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    ref_grad = torch.autograd.grad((ref * weight).sum(), params)
+    for checkpointed in (None, 1, 0):
+        ours = engine.token_logprobs(lora, batch, ids, prompt_of_row=prompt_of_row, checkpointed=checkpointed)
+        ours_grad = torch.autograd.grad((ours * weight).sum(), params)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        assert sum(g.abs().sum() > 0 for g in ref_grad) == len(params)  # every adapter matrix gets a gradient
+        for a, b in zip(ours_grad, ref_grad):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert m.config.text_config._attn_implementation == "sdpa"  # the switch is undone
+
+
 def test_micro_batches_keep_to_the_packed_token_budget():
     group = torch.arange(3).repeat_interleave(4)  # 3 prompts x 4 completions; prompt 10 tokens, completion 5
     cut = engine.micro_batches(torch.arange(12), group, 10, 5, 40)

@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 
@@ -417,16 +418,18 @@ def reply_ids(tokenizer, replies: list[str]) -> tuple[torch.Tensor, torch.Tensor
 
 
 def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 8,
-                   prompt_of_row: torch.Tensor | None = None, features: dict[int, torch.Tensor] | None = None
-                   ) -> torch.Tensor:
+                   prompt_of_row: torch.Tensor | None = None, features: dict[int, torch.Tensor] | None = None,
+                   checkpointed: int | None = None) -> torch.Tensor:
     """log p(ids | prompt) per completion token, [rows, L], with gradients if enabled.
 
     Row r of `ids` continues prompt `prompt_of_row[r]` of `batch` (by default prompt r). Each video goes through
     the vision tower once whatever its number of rows (or not at all when its `features` are given), and each
     prompt through the language model once: its completions follow it in one packed sequence, each attending to
     the prompt and to itself at the positions it would have alone (the G rows of a group share a prompt that is
-    most of their tokens). Only completion positions reach lm_head, chunk by chunk under checkpointing, so no
-    [rows, seq, vocab] fp32 tensor ever exists."""
+    most of their tokens), with no mask tensor (`_packed_attention`). Only completion positions reach lm_head,
+    chunk by chunk under checkpointing, so no [rows, seq, vocab] fp32 tensor ever exists. With gradients, the first
+    `checkpointed` decoder layers are recomputed in backward instead of keeping their activations (by default all
+    of them if the model has gradient checkpointing on, else none)."""
     core = unwrap(model)
     ids = ids.to(core.lm_head.weight.device)
     batch = {k: v.to(ids.device) for k, v in batch.items()}
@@ -447,10 +450,8 @@ def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, ch
     blocks.view(len(prompts), k, width, -1)[where] = core.model.get_input_embeddings()(ids)
     embeds = torch.cat([embeds[:, :plen], blocks], 1)
     positions = torch.cat([positions[..., :plen], positions[..., plen:].repeat(1, 1, k)], -1)
-    sdpa = core.config._attn_implementation == "sdpa"
-    mask = _packed_mask(attention[:, :plen], k, width, None if sdpa else embeds.dtype)
-    hidden = core.model.language_model(inputs_embeds=embeds, position_ids=positions, use_cache=False,
-                                       attention_mask={"full_attention": mask}).last_hidden_state
+    hidden = _packed_layers(core.model.language_model, embeds, positions,
+                            _Packed(attention[:, :plen], k, width), checkpointed)
     # completion token t of block j is predicted at position plen + j * width + t - 1 (t = 0: the prompt's last)
     at = plen + slot.to(ids.device)[:, None] * width + torch.arange(width, device=ids.device) - 1
     at[:, 0] = plen - 1
@@ -458,7 +459,7 @@ def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, ch
 
     def rows_logprobs(h, target):
         logits = core.lm_head(h).float() / temperature
-        return logits.log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
     parts = []
     for h, t in zip(hidden.split(chunk_rows), ids.split(chunk_rows)):
@@ -482,20 +483,62 @@ def micro_batches(rows: torch.Tensor, prompt_of_row: torch.Tensor, prompt_len: i
     return out + [torch.tensor(part)] * bool(part)
 
 
-def _packed_mask(prompt_attention: torch.Tensor, k: int, width: int, dtype) -> torch.Tensor:
-    """[seqs, 1, S, S] for a prompt followed by k completion blocks: causal within the prompt (padding masked) and
-    within each block, every block sees the whole prompt, no block sees another. Each position sees itself, so a
-    padding query is never left with nothing to attend to (which would make NaNs). Boolean (what sdpa takes) when
-    dtype is None, else additive in dtype (eager)."""
-    plen = prompt_attention.shape[1]
-    block = torch.cat([torch.full((plen,), -1), torch.arange(k).repeat_interleave(width)]).to(prompt_attention.device)
-    pos = torch.arange(len(block), device=block.device)
-    causal = pos[None, :] <= pos[:, None]
-    prompt_key = torch.cat([prompt_attention.bool(), block.new_zeros(len(prompt_attention), k * width).bool()], 1)
-    prompt_key = prompt_key[:, None, :]  # [seqs, 1 (any query), keys]: the prompt's unpadded tokens
-    same_block = (block[None, :] == block[:, None]) & (block >= 0)[:, None]
-    mask = (causal & (prompt_key | same_block)) | torch.eye(len(block), dtype=torch.bool, device=block.device)
-    mask = mask[:, None]
-    if dtype is None:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+@dataclass
+class _Packed:
+    """The attention mask of packed sequences, as `_packed_attention` reads it: a left-padded prompt, then `blocks`
+    completions of `width` tokens, each seeing the prompt and itself causally and no other completion."""
+    prompt: torch.Tensor  # [seqs, prompt length] the prompts' attention mask
+    blocks: int
+    width: int
+
+    def __post_init__(self):
+        self.pads = (self.prompt == 0).sum(1).tolist()  # once per pass, not once per layer
+
+
+def _packed_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention over `_Packed` sequences as two mask-free calls per sequence, so the flash kernel runs forward and
+    backward: the prompt's valid tokens causally, then its completions as a batch against the prompt's keys and
+    their own (causal from the lower right). Exactly the needed scores, where a dense mask costs 3x at 7B. query
+    [seqs, heads, S, dim], key and value [seqs, kv heads, S, dim]; padding queries get zeros (no one reads them)."""
+    packed = attention_mask
+    seqs, heads, total, dim = query.shape
+    plen, blocks, width = total - packed.blocks * packed.width, packed.blocks, packed.width
+    out = []
+    for s, pad in enumerate(packed.pads):
+        k, v = key[s:s + 1, :, pad:plen], value[s:s + 1, :, pad:plen]
+        prompt = F.scaled_dot_product_attention(query[s:s + 1, :, pad:plen], k, v, is_causal=True, scale=scaling,
+                                                enable_gqa=True)
+        q_b, k_b, v_b = (x[s, :, plen:].unflatten(1, (blocks, width)).transpose(0, 1) for x in (query, key, value))
+        k_b = torch.cat([k.expand(blocks, -1, -1, -1), k_b], 2)
+        v_b = torch.cat([v.expand(blocks, -1, -1, -1), v_b], 2)
+        own = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=causal_lower_right(width, k_b.shape[2]),
+                                             scale=scaling, enable_gqa=True)  # [blocks, heads, width, dim]
+        out.append(torch.cat([query.new_zeros(heads, pad, dim), prompt[0], own.transpose(0, 1).flatten(1, 2)], 1))
+    return torch.stack(out).transpose(1, 2), None  # [seqs, S, heads, dim]
+
+
+PACKED = "autobuster_packed"
+AttentionInterface.register(PACKED, _packed_attention)
+
+
+def _packed_layer(layer, hidden, rope, packed):
+    """One decoder layer over packed sequences. The switches live in here, not around the loop: a checkpointed layer
+    runs again in backward, after token_logprobs has returned."""
+    own_checkpointing, layer.gradient_checkpointing = layer.gradient_checkpointing, False
+    try:
+        with attention_as(layer.self_attn.config, PACKED):
+            return layer(hidden, attention_mask=packed, position_embeddings=rope)
+    finally:
+        layer.gradient_checkpointing = own_checkpointing
+
+
+def _packed_layers(lm, embeds, positions, packed, checkpointed):
+    """The language model over packed sequences: its layers, checkpointing the first `checkpointed` ones."""
+    if checkpointed is None:
+        checkpointed = len(lm.layers) if lm.training and any(x.gradient_checkpointing for x in lm.layers) else 0
+    checkpointed *= torch.is_grad_enabled()
+    h, rope = embeds, lm.rotary_emb(embeds, positions)
+    for i, layer in enumerate(lm.layers):
+        h = (checkpoint(_packed_layer, layer, h, rope, packed, use_reentrant=False) if i < checkpointed
+             else _packed_layer(layer, h, rope, packed))
+    return lm.norm(h)
