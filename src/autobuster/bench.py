@@ -220,7 +220,9 @@ def greedy_agreement(model, batch, n: int = 64) -> dict:
     sequence (the same logits computed two ways in bf16). Where the full forward's top-1 leads its top-2 by more
     than `threshold` = 2 x noise, a decoder whose logits are that close must pick the same token. `forced_clear`
     is `forced` over those positions (`clear` of them), `free_clear` is `free` over the positions before each
-    row's first unclear one in generate's sequence (`free_clear_positions` of them)."""
+    row's first unclear one in generate's sequence (`free_clear_positions` of them). `cascade_forced` and
+    `cascade_forced_clear` are the same checks of the engine with two greedy rows per prompt, where it shares each
+    prompt's cache (`cascade`)."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
     ours, _ = engine.decode(model, batch, 1, n, ends=[], banned=special(model), pad=0, greedy=True)
     gen = model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n,
@@ -244,7 +246,12 @@ def greedy_agreement(model, batch, n: int = 64) -> dict:
     forced_ok = ours == ours_forced.argmax(-1)
     ours_clear = clear(ours_forced)
     before_tie = clear(ref_forced).long().cumprod(1).bool()  # positions before the row's first unclear one
-    return dict(free=(ours == ref).float().mean().item(), forced=forced_ok.float().mean().item(),
+    # the shared-prompt (cascade) path, which only runs with several rows per prompt: two greedy rows each
+    pairs, _ = engine.decode(model, batch, 2, n, ends=[], banned=special(model), pad=0, greedy=True)
+    pair_ok = torch.stack([pairs[j::2] == forced(pairs[j::2]).argmax(-1) for j in range(2)])
+    pair_clear = torch.stack([clear(forced(pairs[j::2])) for j in range(2)])
+    return dict(cascade=engine.uses_cascade(model, 2), cascade_forced=pair_ok.float().mean().item(),
+                cascade_forced_clear=pair_ok[pair_clear].float().mean().item(),free=(ours == ref).float().mean().item(), forced=forced_ok.float().mean().item(),
                 plain_forced=(ref == ref_forced.argmax(-1)).float().mean().item(), noise=noise,
                 threshold=threshold, forced_clear=forced_ok[ours_clear].float().mean().item(),
                 clear=ours_clear.float().mean().item(), free_clear=(ours == ref)[before_tie].float().mean().item(),
