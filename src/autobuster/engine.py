@@ -205,7 +205,7 @@ def _cascade_attention(module, query, key, value, attention_mask, scaling=None, 
     # softmax over both parts = (e^lse_p out_p + e^lse_c out_c) / (e^lse_p + e^lse_c)
     share = torch.sigmoid(lse_p - lse_c).unsqueeze(-1)
     out = out_c.float() + share * (out_p.float() - out_c.float())
-    return out.to(query.dtype).view(rows, 1, heads, dim), None
+    return out.to(query.dtype).reshape(rows, 1, heads, dim), None  # kernels may return other strides
 
 
 CASCADE = "autobuster_cascade"
