@@ -74,7 +74,7 @@ def test_cascade_sampling_equals_the_expanded_cache(policy):
 
 def test_cascade_attention_equals_attention_over_the_whole_row():
     """`_cascade_attention` against plain softmax attention of each row over its prompt (left padding masked) and
-    its own completion so far, grouped-query heads included."""
+    its own completion so far, grouped-query heads included, the prompt stored in pieces (one of them all padding)."""
     torch.manual_seed(0)
     prompts, group, kv, per, dim, plen, room, steps = 2, 3, 2, 3, 8, 7, 16, 5
     rows = prompts * group
@@ -85,7 +85,7 @@ def test_cascade_attention_equals_attention_over_the_whole_row():
     class Prefill:
         layers = [type("L", (), {"keys": prompt_k, "values": prompt_v})]
 
-    cache = engine._CascadeCache(Prefill, attention, group, room, engine._attend_math)
+    cache = engine._CascadeCache(Prefill, attention, group, room, engine._attend_math, chunks=3)
     own_k, own_v = torch.randn(2, rows, kv, steps, dim)
     for t in range(steps):
         cache.advance(torch.tensor([t]))

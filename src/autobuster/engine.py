@@ -151,28 +151,41 @@ class _StaticCache:
 
 
 class _CascadeCache(_StaticCache):
-    """The shared-prompt cache: each prompt's keys and values once, [prompts, kv heads, prompt, head dim], and each
-    row's own completion in [rows, kv heads, new tokens, head dim]. The G rows of a group share their prompt
-    exactly, so its part of the attention is computed once per group (`_cascade_attention`): 8 x 8 rows at 7B read
-    1 GB of prompt keys and values per decode step instead of 8 GB. The cache is its own attention mask: the layers
-    hand it to the attention function, which finds both parts' biases on it."""
+    """The shared-prompt cache: each prompt's keys and values once and each row's own completion, [rows, kv heads,
+    new tokens, head dim]. The G rows of a group share their prompt exactly, so its part of the attention is
+    computed once per group (`_cascade_attention`): 8 x 8 rows at 7B read 1 GB of prompt keys and values per decode
+    step instead of 8 GB. A prompt is stored in `chunks` pieces along its tokens, [prompts x chunks, kv heads,
+    piece, head dim], so that the kernel has enough independent blocks to keep every SM reading (flash-decoding's
+    split; 8 prompts x 4 kv heads alone would be 32 blocks on 132 SMs). The cache is its own attention mask: the
+    layers hand it to the attention function, which finds the biases on it."""
 
-    def __init__(self, prefill, attention, num_samples: int, room: int, attend):
+    def __init__(self, prefill, attention, num_samples: int, room: int, attend, chunks: int | None = None):
         self.attend, self.pos = attend, torch.zeros(1, dtype=torch.long, device=attention.device)
-        room = -(-room // ALIGN) * ALIGN  # the memory-efficient kernel wants the bias rows 16-aligned
-        plen = -(-attention.shape[1] // ALIGN) * ALIGN  # left as it is, the prompt pads on the right are masked
+        prompts, plen = attention.shape
+        kv = prefill.layers[0].keys.shape[1]
+        if chunks is None:
+            sms = torch.cuda.get_device_properties(attention.device).multi_processor_count \
+                if attention.device.type == "cuda" else 1
+            chunks = max(1, min(plen // 256, -(-2 * sms // (prompts * kv))))
+        self.prompts, self.chunks = prompts, chunks
+        piece = -(-plen // chunks // ALIGN) * ALIGN  # the memory-efficient kernel wants the bias rows 16-aligned
+        room = -(-room // ALIGN) * ALIGN
+
+        def pieces(x):  # [prompts, kv heads, plen, dim] -> [prompts x chunks, kv heads, piece, dim]
+            x = F.pad(x, (0, 0, 0, chunks * piece - plen))
+            return x.unflatten(2, (chunks, piece)).transpose(1, 2).flatten(0, 1).contiguous()
+
         self.prompt_keys, self.prompt_values, self.keys, self.values = [], [], [], []
         for layer in prefill.layers:
-            for src, prompt, own in ((layer.keys, self.prompt_keys, self.keys),
-                                     (layer.values, self.prompt_values, self.values)):
-                b, h, p, d = src.shape
-                prompt.append(F.pad(src, (0, 0, 0, plen - p)))
-                own.append(src.new_zeros(b * num_samples, h, room, d))
-        low = torch.finfo(self.prompt_keys[0].dtype).min  # additive biases: finite, so no row is ever all -inf
-        opened = F.pad(attention.bool(), (0, plen - attention.shape[1]))
-        self.prompt_bias = torch.zeros(opened.shape, dtype=self.prompt_keys[0].dtype,
-                                       device=opened.device).masked_fill(~opened, low)[:, None, None]
-        self.bias = torch.full((1, 1, 1, room), low, dtype=self.prompt_bias.dtype, device=opened.device)
+            self.prompt_keys.append(pieces(layer.keys))
+            self.prompt_values.append(pieces(layer.values))
+            self.keys.append(layer.keys.new_zeros(prompts * num_samples, kv, room, layer.keys.shape[3]))
+            self.values.append(torch.zeros_like(self.keys[-1]))
+        low = torch.finfo(layer.keys.dtype).min  # additive biases: finite, so a piece of padding alone gives no NaN
+        bias = torch.zeros(prompts, 1, plen, dtype=layer.keys.dtype, device=attention.device)
+        padded = F.pad(bias.masked_fill(attention[:, None] == 0, low), (0, chunks * piece - plen), value=low)
+        self.prompt_bias = padded.view(prompts * chunks, 1, 1, piece)
+        self.bias = torch.full((1, 1, 1, room), low, dtype=bias.dtype, device=attention.device)
         self.mask = self
         self.state = [self.pos, self.bias]
 
@@ -189,23 +202,25 @@ ALIGN = 16
 
 
 def _cascade_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """One decode step's attention over a `_CascadeCache`: the G rows' queries of a group stacked against their
-    prompt's keys once (as Hydragen and FlashInfer's cascade do), each row against its own completion, the two
-    parts merged exactly by their log-sum-exps. query [rows, heads, 1, dim]; key and value as `update` returns."""
+    """One decode step's attention over a `_CascadeCache`: the G rows' queries of a group stacked against each piece
+    of their prompt's keys once (as Hydragen and FlashInfer's cascade do), each row against its own completion,
+    all parts merged exactly by their log-sum-exps. query [rows, heads, 1, dim]; key and value as `update` returns."""
     cache = attention_mask
     (prompt_k, own_k), (prompt_v, own_v) = key, value
     rows, heads, _, dim = query.shape
-    prompts, kv = prompt_k.shape[:2]
+    prompts, chunks, kv = cache.prompts, cache.chunks, prompt_k.shape[1]
     group, per = rows // prompts, heads // kv  # q head h reads kv head h // per, as repeat_kv arranges
-    q = query.view(prompts, group, kv, per, dim).transpose(1, 2).reshape(prompts, kv, group * per, dim)
-    out_p, lse_p = cache.attend(q, prompt_k, prompt_v, cache.prompt_bias, scaling)
-    out_p = out_p.view(prompts, kv, group, per, dim).transpose(1, 2).reshape(rows, kv, per, dim)
-    lse_p = lse_p.view(prompts, kv, group, per).transpose(1, 2).reshape(rows, kv, per)
-    out_c, lse_c = cache.attend(query.view(rows, kv, per, dim), own_k, own_v, cache.bias, scaling)
-    # softmax over both parts = (e^lse_p out_p + e^lse_c out_c) / (e^lse_p + e^lse_c)
-    share = torch.sigmoid(lse_p - lse_c).unsqueeze(-1)
-    out = out_c.float() + share * (out_p.float() - out_c.float())
-    return out.to(query.dtype).reshape(rows, 1, heads, dim), None  # kernels may return other strides
+    q = query.reshape(prompts, 1, group, kv, per, dim).transpose(2, 3).expand(-1, chunks, -1, -1, -1, -1)
+    out_p, lse_p = cache.attend(q.reshape(prompts * chunks, kv, group * per, dim), prompt_k, prompt_v,
+                                cache.prompt_bias, scaling)
+    out_p = out_p.reshape(prompts, chunks, kv, group, per, dim).permute(1, 0, 3, 2, 4, 5).reshape(chunks, rows, kv,
+                                                                                                  per, dim)
+    lse_p = lse_p.reshape(prompts, chunks, kv, group, per).permute(1, 0, 3, 2, 4).reshape(chunks, rows, kv, per)
+    out_c, lse_c = cache.attend(query.reshape(rows, kv, per, dim), own_k, own_v, cache.bias, scaling)
+    # softmax over all the parts = sum_i e^lse_i out_i / sum_i e^lse_i
+    share = torch.cat([lse_p, lse_c[None]]).softmax(0).unsqueeze(-1)
+    out = (share * torch.cat([out_p.float(), out_c.float()[None]])).sum(0)
+    return out.to(query.dtype).reshape(rows, 1, heads, dim), None
 
 
 CASCADE = "autobuster_cascade"
