@@ -474,7 +474,7 @@ def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, ch
 
     def rows_logprobs(h, target):
         logits = core.lm_head(h).float() / temperature
-        return logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+        return logits.log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
     parts = []
     for h, t in zip(hidden.split(chunk_rows), ids.split(chunk_rows)):
