@@ -12,6 +12,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
@@ -521,8 +522,9 @@ def _packed_attention(module, query, key, value, attention_mask, scaling=None, *
     out = []
     for s, pad in enumerate(packed.pads):
         k, v = key[s:s + 1, :, pad:plen], value[s:s + 1, :, pad:plen]
-        prompt = F.scaled_dot_product_attention(query[s:s + 1, :, pad:plen], k, v, is_causal=True, scale=scaling,
-                                                enable_gqa=True)
+        with sdpa_kernel(NO_CUDNN):  # cuDNN plans a graph per new shape: every prompt length would pay it
+            prompt = F.scaled_dot_product_attention(query[s:s + 1, :, pad:plen], k, v, is_causal=True,
+                                                    scale=scaling, enable_gqa=True)
         q_b, k_b, v_b = (x[s, :, plen:].unflatten(1, (blocks, width)).transpose(0, 1) for x in (query, key, value))
         k_b = torch.cat([k.expand(blocks, -1, -1, -1), k_b], 2)
         v_b = torch.cat([v.expand(blocks, -1, -1, -1), v_b], 2)
@@ -532,6 +534,7 @@ def _packed_attention(module, query, key, value, attention_mask, scaling=None, *
     return torch.stack(out).transpose(1, 2), None  # [seqs, S, heads, dim]
 
 
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 PACKED = "autobuster_packed"
 AttentionInterface.register(PACKED, _packed_attention)
 
