@@ -70,7 +70,8 @@ FOCUS = 0.75  # share of the fake clips drawn by their generator's running rollo
 FOCUS_MEMORY = 0.1  # weight of each new group in its generator's running error
 MALFORMED_IN_LOSS = False  # False: malformed or truncated replies score -1 but stay out of the loss
 MICRO_BATCH_TOKENS = 16384  # tokens per forward/backward, each prompt once plus its completions (memory vs speed)
-GRADIENT_CHECKPOINTING = not TINY
+GRADIENT_CHECKPOINTING = "memory"  # recompute a decoder layer in backward instead of keeping its activations:
+# "memory" only once the GPU's free memory runs short (none on a CPU), True every layer, False none
 SEED = SETUP.seed  # from the runner: 0 on a configuration's first run, then 1, 2, ... on its repeats
 RUN_DIR = Path(os.environ.get("AUTOBUSTER_RUN_DIR") or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -286,7 +287,7 @@ def update(model, opt, processor, groups, stats):
 
     def logprobs(part):
         return engine.token_logprobs(model, prompts, ids[part], TEMPERATURE, prompt_of_row=prompt_of_row[part],
-                                     features=features)
+                                     features=features, checkpointing=GRADIENT_CHECKPOINTING)
 
     # The policy moves between updates, so the later mini-batches need the sampler's log-probs frozen in a no-grad
     # pass; the first one runs on the sampler's weights, where its own detached log-probs are those.
@@ -358,7 +359,8 @@ def fuse(model, processor, clips) -> dict:
         prompts = encode(processor, list(frames), cap, [chat_text(processor, m) for m in modes])
         ids, mask = (x.to(device) for x in engine.reply_ids(tok, list(targets)))
         # mean per reply: the short /no_think targets weigh as much as the long /think ones
-        loss = -((engine.token_logprobs(model, prompts, ids) * mask).sum(1) / mask.sum(1)).mean()
+        logp = engine.token_logprobs(model, prompts, ids, checkpointing=GRADIENT_CHECKPOINTING)
+        loss = -((logp * mask).sum(1) / mask.sum(1)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
@@ -398,9 +400,6 @@ def main():
                       target_modules=lora_targets(LORA_MODULES),
                       modules_to_save=["visual"] if TRAIN_VISION else None)
     model = get_peft_model(model, lora)
-    if GRADIENT_CHECKPOINTING:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     trainable = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast(trainable)  # rank 0's LoRA init on every rank
     print(f"base {BASE_MODEL}  trainable {sum(p.numel() for p in trainable):,} params  budget {TIME_BUDGET}s  "

@@ -138,7 +138,7 @@ def test_token_logprobs_match_a_full_forward(policy):
     assert torch.allclose(sub, ref[part].detach(), atol=1e-4)
 
 
-def test_packed_update_matches_per_row_forward_with_lora(policy):
+def test_packed_update_matches_per_row_forward_with_lora(policy, monkeypatch):
     """The update's mask-free packed attention under LoRA, checkpointing on some layers and not others, uneven rows
     per prompt: log-probs and LoRA gradients against Hugging Face's forward of each row alone (which computes its own
     M-RoPE positions, 3-D video ones included)."""
@@ -166,13 +166,20 @@ def test_packed_update_matches_per_row_forward_with_lora(policy):
     ref = logits[:, ref_rows["input_ids"].shape[1] - 1:-1].float().log_softmax(-1)
     ref = ref.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     ref_grad = torch.autograd.grad((ref * weight).sum(), params)
-    for checkpointed in (None, 1, 0):
-        ours = engine.token_logprobs(lora, batch, ids, prompt_of_row=prompt_of_row, checkpointed=checkpointed)
+    free = iter([10, 0.5])  # checkpointing "by memory" on a GPU whose memory runs short after the first layer
+    monkeypatch.setattr(engine, "_memory", lambda device: (next(free), 4))
+    recomputed, checkpoint = [], engine.checkpoint
+    monkeypatch.setattr(engine, "checkpoint", lambda fn, *a, **k: recomputed.append(fn) or checkpoint(fn, *a, **k))
+    for checkpointing, layers in ((None, 2), (1, 1), (0, 0), ("memory", 1)):
+        recomputed.clear()
+        ours = engine.token_logprobs(lora, batch, ids, prompt_of_row=prompt_of_row, checkpointing=checkpointing)
+        assert recomputed.count(engine._packed_layer) == layers
         ours_grad = torch.autograd.grad((ours * weight).sum(), params)
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
         assert sum(g.abs().sum() > 0 for g in ref_grad) == len(params)  # every adapter matrix gets a gradient
         for a, b in zip(ours_grad, ref_grad):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert next(free, None) is None  # "memory" asked before each layer
     assert m.config.text_config._attn_implementation == "sdpa"  # the switch is undone
 
 

@@ -9,6 +9,7 @@ import json
 import tempfile
 import time
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -131,9 +132,10 @@ def engine_rollout(model, batch, group, new, r):
     return ids
 
 
-def engine_update(model, batch, ids, group, micro_tokens, r):
+def engine_update(model, batch, ids, group, micro_tokens, r, checkpointing="memory"):
     """Old log-probs (no grad) and one forward/backward over every completion, micro-batched by token budget;
-    under torchrun the gradients are summed over the ranks, as train_dapo.py does."""
+    under torchrun the gradients are summed over the ranks, as train_dapo.py does. `checkpointing` as
+    train_dapo.py's GRADIENT_CHECKPOINTING."""
     prompt_of_row = torch.arange(len(batch["input_ids"])).repeat_interleave(group)
     micro = engine.micro_batches(torch.arange(len(ids)), prompt_of_row, batch["input_ids"].shape[1], ids.shape[1],
                                  micro_tokens)
@@ -145,7 +147,8 @@ def engine_update(model, batch, ids, group, micro_tokens, r):
             old = [engine.token_logprobs(model, batch, ids[p], prompt_of_row=prompt_of_row[p], features=features)
                    for p in micro]
         for p, o in zip(micro, old):
-            logp = engine.token_logprobs(model, batch, ids[p], prompt_of_row=prompt_of_row[p], features=features)
+            logp = engine.token_logprobs(model, batch, ids[p], prompt_of_row=prompt_of_row[p], features=features,
+                                         checkpointing=checkpointing)
             (-(torch.exp(logp - o) * adv[p, None]).sum() / ids.numel()).backward()
         distributed.all_sum_grads([q for q in model.parameters() if q.requires_grad])
     r["update_peak_gb"] = peak_gb(reset=True)
@@ -259,6 +262,8 @@ def greedy_agreement(model, batch, n: int = 64) -> dict:
 
 
 def with_lora(model):
+    """LoRA as train_dapo.py puts it; HF's gradient checkpointing on, for the plain path (the engine's update
+    chooses its own, `checkpointing`)."""
     lora = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=lora_targets(LORA_MODULES)))
     lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora.enable_input_require_grads()
@@ -271,7 +276,8 @@ def _aligned(n: int) -> int:
 
 def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_tokens=512, four_bit=False,
           plain=True, micro_tokens=16384, plain_micro_rows=8, check=False, out=None, eval_clips=64,
-          eval_batch=PROFILES["genbuster"].eval_batch, eval_new_tokens=PROFILES["genbuster"].eval_max_new_tokens):
+          eval_batch=PROFILES["genbuster"].eval_batch, eval_new_tokens=PROFILES["genbuster"].eval_max_new_tokens,
+          checkpointing="memory"):
     if size not in TEXT:
         raise UserError(f"unknown --size {size!r}: use one of {', '.join(TEXT)}")
     if frames % 2 or side < 56:
@@ -285,7 +291,7 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
     setting = dict(size=size, frames=frames, side=side, prompt_tokens=plen, prompts=prompts_per_step, group=group,
                    rows=rows, new_tokens=new_tokens, weights="nf4" if four_bit else "bf16" if device.type == "cuda" else "fp32", gpus=world,
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                   cascade=engine.uses_cascade(model, group))
+                   cascade=engine.uses_cascade(model, group), checkpointing=checkpointing)
     print(json.dumps(setting))
     result = dict(setting=setting, weights_gb=peak_gb(reset=True))
     if check:
@@ -293,7 +299,7 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
             result["greedy_agreement"] = greedy_agreement(model, batch)
         print("greedy agreement (first 64 tokens)", json.dumps(result["greedy_agreement"]), flush=True)
     model = with_lora(model)
-    paths = [("engine", engine_rollout, engine_update, micro_tokens)]
+    paths = [("engine", engine_rollout, partial(engine_update, checkpointing=checkpointing), micro_tokens)]
     if plain:
         paths.append(("plain", plain_rollout, plain_update, plain_micro_rows))
     for name, rollout, update, micro in paths:

@@ -57,6 +57,8 @@ def main(argv=None):
     s.add_argument("--four-bit", action="store_true", help="NF4 base weights (QLoRA)")
     s.add_argument("--no-plain", action="store_true", help="skip the plain Hugging Face path")
     s.add_argument("--micro-tokens", type=int, default=16384, help="engine update: tokens per micro-batch")
+    s.add_argument("--checkpointing", choices=("memory", "all"), default="memory",
+                   help="engine update: recompute layers once free GPU memory runs short, or every layer")
     s.add_argument("--check", action="store_true", help="greedy agreement with generate, first 64 tokens")
     s.add_argument("--eval-clips", type=int, default=64, help="clips for the evaluation timing (0 skips it)")
     s.add_argument("--eval-batch", type=int, default=PROFILES["genbuster"].eval_batch,
@@ -81,7 +83,7 @@ def main(argv=None):
         from .bench import bench
         guarded(bench, a.size, a.frames, a.side, a.prompts, a.group, a.new_tokens, a.four_bit, not a.no_plain,
                 a.micro_tokens, check=a.check, out=a.json, eval_clips=a.eval_clips, eval_batch=a.eval_batch,
-                eval_new_tokens=a.eval_new_tokens)
+                eval_new_tokens=a.eval_new_tokens, checkpointing=True if a.checkpointing == "all" else "memory")
     elif a.cmd == "demo":
         from .demo import demo
         guarded(demo)

@@ -435,7 +435,7 @@ def reply_ids(tokenizer, replies: list[str]) -> tuple[torch.Tensor, torch.Tensor
 
 def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 8,
                    prompt_of_row: torch.Tensor | None = None, features: dict[int, torch.Tensor] | None = None,
-                   checkpointed: int | None = None) -> torch.Tensor:
+                   checkpointing: bool | int | str | None = None) -> torch.Tensor:
     """log p(ids | prompt) per completion token, [rows, L], with gradients if enabled.
 
     Row r of `ids` continues prompt `prompt_of_row[r]` of `batch` (by default prompt r). Each video goes through
@@ -443,9 +443,8 @@ def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, ch
     prompt through the language model once: its completions follow it in one packed sequence, each attending to
     the prompt and to itself at the positions it would have alone (the G rows of a group share a prompt that is
     most of their tokens), with no mask tensor (`_packed_attention`). Only completion positions reach lm_head,
-    chunk by chunk under checkpointing, so no [rows, seq, vocab] fp32 tensor ever exists. With gradients, the first
-    `checkpointed` decoder layers are recomputed in backward instead of keeping their activations (by default all
-    of them if the model has gradient checkpointing on, else none)."""
+    chunk by chunk under checkpointing, so no [rows, seq, vocab] fp32 tensor ever exists. `checkpointing`: which
+    decoder layers are recomputed in backward (`_packed_layers`)."""
     core = unwrap(model)
     ids = ids.to(core.lm_head.weight.device)
     batch = {k: v.to(ids.device) for k, v in batch.items()}
@@ -467,7 +466,7 @@ def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, ch
     embeds = torch.cat([embeds[:, :plen], blocks], 1)
     positions = torch.cat([positions[..., :plen], positions[..., plen:].repeat(1, 1, k)], -1)
     hidden = _packed_layers(core.model.language_model, embeds, positions,
-                            _Packed(attention[:, :plen], k, width), checkpointed)
+                            _Packed(attention[:, :plen], k, width), checkpointing)
     # completion token t of block j is predicted at position plen + j * width + t - 1 (t = 0: the prompt's last)
     at = plen + slot.to(ids.device)[:, None] * width + torch.arange(width, device=ids.device) - 1
     at[:, 0] = plen - 1
@@ -550,13 +549,40 @@ def _packed_layer(layer, hidden, rope, packed):
         layer.gradient_checkpointing = own_checkpointing
 
 
-def _packed_layers(lm, embeds, positions, packed, checkpointed):
-    """The language model over packed sequences: its layers, checkpointing the first `checkpointed` ones."""
-    if checkpointed is None:
-        checkpointed = len(lm.layers) if lm.training and any(x.gradient_checkpointing for x in lm.layers) else 0
-    checkpointed *= torch.is_grad_enabled()
+MEMORY_RESERVE = 0.25  # share of the GPU's memory that checkpointing "by memory" leaves free for the backward pass
+# (a checkpointed layer's recomputation, activation gradients, the head's fp32 logits)
+
+
+def _memory(device) -> tuple[int, int] | None:
+    """(free bytes, counting what torch holds but does not use; total bytes) of a GPU, None elsewhere."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
+
+
+def _packed_layers(lm, embeds, positions, packed, checkpointing):
+    """The language model over packed sequences. With gradients, `checkpointing` says which decoder layers are
+    recomputed in backward instead of keeping their activations: True every one, False none, an int the first
+    that many, "memory" each one only once keeping its activations (as much as the last kept layer's) would leave
+    less than MEMORY_RESERVE of the GPU free (none off a GPU); None follows the model's gradient-checkpointing
+    setting (all or none)."""
+    if checkpointing is None:
+        checkpointing = lm.training and any(x.gradient_checkpointing for x in lm.layers)
     h, rope = embeds, lm.rotary_emb(embeds, positions)
+    kept = 0  # bytes the last layer run without checkpointing kept
     for i, layer in enumerate(lm.layers):
-        h = (checkpoint(_packed_layer, layer, h, rope, packed, use_reentrant=False) if i < checkpointed
-             else _packed_layer(layer, h, rope, packed))
+        if not torch.is_grad_enabled():
+            recompute = False
+        elif checkpointing == "memory":
+            memory = _memory(h.device)
+            recompute = memory is not None and memory[0] - kept < MEMORY_RESERVE * memory[1]
+        else:
+            recompute = i < int(checkpointing) if not isinstance(checkpointing, bool) else checkpointing
+        if recompute:
+            h = checkpoint(_packed_layer, layer, h, rope, packed, use_reentrant=False)
+        else:
+            before = torch.cuda.memory_allocated(h.device) if h.device.type == "cuda" else 0
+            h = _packed_layer(layer, h, rope, packed)
+            kept = (torch.cuda.memory_allocated(h.device) if h.device.type == "cuda" else 0) - before
     return lm.norm(h)
