@@ -218,10 +218,14 @@ def _cascade_attention(module, query, key, value, attention_mask, scaling=None, 
                                                                                                   per, dim)
     lse_p = lse_p.reshape(prompts, chunks, kv, group, per).permute(1, 0, 3, 2, 4).reshape(chunks, rows, kv, per)
     out_c, lse_c = cache.attend(query.reshape(rows, kv, per, dim), own_k, own_v, cache.bias, scaling)
-    # softmax over all the parts = sum_i e^lse_i out_i / sum_i e^lse_i
+    return _merge(out_p, lse_p, out_c, lse_c).reshape(rows, 1, heads, dim), None
+
+
+def _merge(out_p, lse_p, out_c, lse_c):
+    """Attention over the union of key sets from each set's output and log-sum-exp: softmax over all the parts =
+    sum_i e^lse_i out_i / sum_i e^lse_i. out_p [chunks, ...], out_c [...]."""
     share = torch.cat([lse_p, lse_c[None]]).softmax(0).unsqueeze(-1)
-    out = (share * torch.cat([out_p.float(), out_c.float()[None]])).sum(0)
-    return out.to(query.dtype).reshape(rows, 1, heads, dim), None
+    return (share * torch.cat([out_p.float(), out_c.float()[None]])).sum(0).to(out_c.dtype)
 
 
 CASCADE = "autobuster_cascade"
