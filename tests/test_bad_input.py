@@ -1,4 +1,5 @@
 """Every bad input gets one clear line and the rest of the work goes on."""
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,26 @@ def test_cli_prints_one_line_not_a_traceback(args, message, tmp_path):
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+@pytest.mark.parametrize("model_type,message", [
+    ("qwen3_5", "is a Qwen3.5 (l8cv/BusterX-plusplus, the 2026 BusterX++ weights, is one) checkpoint: autobuster "
+                "runs Qwen2.5-VL models (for BusterX++ on Qwen2.5-VL-7B use l8cv/BusterX_plusplus"),
+    ("llama", "is a model_type 'llama' checkpoint: autobuster runs Qwen2.5-VL models"),
+])
+def test_a_checkpoint_of_another_family_gets_one_line(model_type, message, tmp_path):
+    """Prepare stops before fetching anything, and loading refuses it, with the family and what to use instead."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": model_type}))
+    r = subprocess.run([sys.executable, "prepare.py", "--profile", "tiny", "--model", str(ckpt)], cwd=ROOT,
+                       capture_output=True, text=True,
+                       env={"AUTOBUSTER_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {ckpt} {message}")
+    with pytest.raises(UserError, match="autobuster runs Qwen2.5-VL models"):
+        model.load(str(ckpt))
 
 
 def one_error_line(r, message):

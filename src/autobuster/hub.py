@@ -3,7 +3,8 @@ against the hub's sizes and sha256 (recorded, so a re-run does not hash again), 
 disk check before anything large is fetched, and no network call when everything is already here (an extracted
 folder or an archive under $AUTOBUSTER_HOME, or the Hugging Face cache as `hf download` leaves it).
 
-Only `hub_files`, `download`, `model_sizes` and `download_model` talk to the network; tests stand in for them."""
+Only `hub_files`, `download`, `model_sizes`, `download_model` and `model_config` (one config.json) talk to the
+network; tests stand in for them."""
 import hashlib
 import json
 import os
@@ -128,6 +129,24 @@ def check_fetchable(model: str) -> None:
         raise UserError(f"the base model {model} is not in the Hugging Face cache and the hub is offline "
                         f"(HF_HUB_OFFLINE=1): run `uv run prepare.py` once with network, `hf download {model}`, or "
                         "pass --model with a local Qwen2.5-VL directory")
+
+
+def model_config(model: str) -> dict:
+    """`model`'s config.json: from its directory or the Hugging Face cache, or that one small file from the hub,
+    before any weights are fetched."""
+    local = cached_model(model)
+    if local:
+        path = local / "config.json"
+        if not path.exists():
+            raise UserError(f"no config.json in {local}: give a Hugging Face model directory")
+    else:
+        check_fetchable(model)
+        from huggingface_hub import hf_hub_download
+        try:
+            path = hf_hub_download(model, "config.json")
+        except Exception as e:
+            raise hub_error(f"the model {model}", f"https://huggingface.co/{model}", e) from None
+    return json.loads(Path(path).read_text())
 
 
 def resolve_model(model: str) -> str:

@@ -1,4 +1,4 @@
-"""Loading the policy: a Qwen2.5-VL directory or hub id (from the Hugging Face cache), bf16 or 4-bit NF4, an
+"""Loading the policy: a checkpoint of a supported family (families.py), a directory or hub id (from the Hugging Face cache), bf16 or 4-bit NF4, an
 optional peft adapter; and turning clips into model inputs (one video per clip, 4 fps metadata)."""
 import logging
 
@@ -6,10 +6,11 @@ import numpy as np
 import torch
 import transformers
 from packaging.version import Version
-from transformers import AutoProcessor, BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoProcessor, BitsAndBytesConfig
 
 from .errors import UserError
-from .hub import resolve_model
+from .families import QWEN2_5_VL, Family, family_of
+from .hub import model_config, resolve_model
 from .profiles import FRAMES, MIN_PIXELS, SAMPLE_FPS
 from .prompt import messages, prompt_for
 
@@ -29,21 +30,22 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def nf4(dtype: torch.dtype) -> BitsAndBytesConfig:
-    """QLoRA's NF4 with double quantisation; the vision tower and lm_head stay unquantised."""
+def nf4(dtype: torch.dtype, family: Family = QWEN2_5_VL) -> BitsAndBytesConfig:
+    """QLoRA's NF4 with double quantisation; the family's vision tower and head stay unquantised."""
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=["model.visual", "lm_head"])
+                              bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=list(family.unquantised))
 
 
 def load(path: str, adapter: str | None = None, four_bit: bool = False, device: torch.device | None = None):
     """(model, processor). bf16 on GPU, fp32 on CPU, NF4 base weights with `four_bit`."""
     check_transformers()
     path = resolve_model(path)  # a hub id comes from the Hugging Face cache that prepare filled: no network
+    family = family_of(model_config(path), path)
     device = device or default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    quant = nf4(dtype) if four_bit else None
+    quant = nf4(dtype, family) if four_bit else None
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        model = family.model_class.from_pretrained(
             path, dtype=dtype, quantization_config=quant, use_safetensors=True, device_map={"": device})
         processor = AutoProcessor.from_pretrained(path)
     except OSError as e:
@@ -70,7 +72,7 @@ def lora_targets(modules) -> str:
 
 
 def unwrap(model):
-    """The Qwen2_5_VLForConditionalGeneration under a peft wrapper (LoRA layers stay live inside it)."""
+    """The model under a peft wrapper (LoRA layers stay live inside it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -8,6 +8,7 @@ from huggingface_hub import constants
 
 from . import dataset, hub, synthetic, tiny
 from .errors import UserError
+from .families import family_of
 from .profiles import FRAMES, Setup, get_profile, home, save_active
 
 WARM_START_STEPS = 800  # ~2 minutes on 2 CPU cores
@@ -88,6 +89,8 @@ def model_need(base: str) -> list[tuple[Path, int, str]]:
 def fetch_model(base: str, needs=()) -> None:
     """Check the disk for the model and the rest of `needs` (the data's, from its plans), then fetch the base model
     into the Hugging Face cache now, so that training and evaluation never need the network."""
+    if base:
+        family_of(hub.model_config(base), base)  # a family autobuster cannot run stops before any download
     hub.check_disk([*needs, *model_need(base)])
     if base:
         print(f"base model {base}: {hub.resolve_model(base)}")
