@@ -72,6 +72,20 @@ def test_cascade_sampling_equals_the_expanded_cache(policy):
     torch.testing.assert_close(tracked_c, tracked_e, rtol=1e-5, atol=1e-5)
 
 
+def test_a_failed_compile_falls_back_to_the_function_once(monkeypatch, capsys):
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no working C compiler\nmore")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(engine, "_COMPILED", {})
+    square = engine._compiled(torch.square)
+    x = torch.arange(3.0)
+    assert square(x).tolist() == square(x).tolist() == [0.0, 1.0, 4.0]
+    err = capsys.readouterr().err
+    assert err.count("torch.compile of square failed (no working C compiler); it runs uncompiled") == 1
+
+
 def test_cascade_attention_equals_attention_over_the_whole_row():
     """`_cascade_attention` against plain softmax attention of each row over its prompt (left padding masked) and
     its own completion so far, grouped-query heads included, the prompt stored in pieces (one of them all padding)."""

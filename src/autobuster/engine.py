@@ -329,8 +329,22 @@ _COMPILED = {}
 
 
 def _compiled(fn):
+    """`fn` compiled once per process, for any shape; where compiling fails (no Triton, no C compiler), `fn` itself
+    from then on, said once."""
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+        use = [torch.compile(fn, dynamic=True)]
+
+        def run(*args):
+            try:
+                return use[0](*args)
+            except Exception as e:
+                if use[0] is fn:
+                    raise
+                print(f"engine: torch.compile of {fn.__name__} failed ({str(e).strip().splitlines()[0][:160]}); "
+                      "it runs uncompiled", file=sys.stderr)
+                use[0] = fn
+                return fn(*args)
+        _COMPILED[fn] = run
     return _COMPILED[fn]
 
 
