@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from autobuster import dataset, engine, model
+from autobuster import dataset, engine, model, tiny
 from autobuster.profiles import active
 
 
@@ -52,6 +52,34 @@ def test_cascade_greedy_matches_hf_generate(policy):
     assert len(set(lengths)) > 1
     for row, k in enumerate(lengths):
         assert ids[row, :k].tolist() == ref[row // 2, :k].tolist()
+
+
+def test_qwen3_5_greedy_matches_hf_generate(policy):
+    """The tiny Qwen3.5 (Gated DeltaNet layers with convolution and recurrent states, then full attention): each
+    prompt's states copied to its G rows, greedy decode token for token against Hugging Face generate, prompts of
+    different lengths, rows ending at different steps."""
+    tok = policy[1].tokenizer
+    m = tiny.build_qwen3_5(tok).eval()
+    p = tiny.build_qwen3_5_processor(tok, 64 * 64)
+    batch = model.encode(p, clips(3, seed=4), 64 * 64,
+                         [model.chat_text(p, "no_think"), model.chat_text(p), model.chat_text(p, "no_think")])
+    assert batch["attention_mask"].min() == 0 and not engine.uses_cascade(m, 2)  # linear layers: expanded states
+    ends = engine.end_ids(tok)
+    kw = dict(do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id,
+              suppress_tokens=engine.banned_ids(tok))
+    plain = m.generate(**batch, eos_token_id=ends, **kw)[:, batch["input_ids"].shape[1]:]
+    ends = ends + [int(plain[0, 4])]  # a token prompt 0 writes early: its rows end first
+    ref = m.generate(**batch, eos_token_id=ends, output_logits=True, return_dict_in_generate=True, **kw)
+    ref_logits = torch.stack(ref.logits, 1)[..., :64]  # the tokens' logits at every step, before any processing
+    ref = ref.sequences[:, batch["input_ids"].shape[1]:]
+    ids, tracked = engine.decode(m, batch, 2, 12, ends, engine.banned_ids(tok), tok.pad_token_id, greedy=True,
+                                 track_ids=list(range(64)))
+    lengths = engine.completion_mask(ids, ends)[0].sum(1).tolist()
+    assert len(set(lengths)) > 1
+    for row, k in enumerate(lengths):
+        assert ids[row, :k].tolist() == ref[row // 2, :k].tolist()
+        # the logits too: a row decoding from another prompt's states could still pick the same tokens
+        torch.testing.assert_close(tracked[row, :k], ref_logits[row // 2, :k], rtol=1e-4, atol=1e-5)
 
 
 def test_cascade_sampling_equals_the_expanded_cache(policy):

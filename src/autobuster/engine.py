@@ -18,6 +18,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 
+from .families import family_of_model
 from .model import unwrap
 
 EXIT_CHECK_EVERY = 16  # decode steps between checks that every row has ended (each check syncs with the GPU)
@@ -112,9 +113,9 @@ def _inputs(core, batch, features, rows=None, ids=None):
     embeds = core.model.get_input_embeddings()(input_ids)
     video = torch.cat([features[i] for i in rows.tolist()]).to(embeds.dtype)
     embeds = embeds.masked_scatter((input_ids == core.config.video_token_id).unsqueeze(-1), video)
+    timing = {"second_per_grid_ts": batch["second_per_grid_ts"][rows]} if "second_per_grid_ts" in batch else {}
     positions, _ = core.model.get_rope_index(input_ids, mm, video_grid_thw=batch["video_grid_thw"][rows],
-                                             second_per_grid_ts=batch["second_per_grid_ts"][rows],
-                                             attention_mask=attention)
+                                             attention_mask=attention, **timing)  # Qwen3.5: timestamps are text
     return embeds, positions, attention
 
 
@@ -122,15 +123,21 @@ def _inputs(core, batch, features, rows=None, ids=None):
 
 
 class _StaticCache:
-    """Preallocated keys and values of every layer, [rows, kv heads, prompt + new tokens, head dim], each prompt's
-    copied to its G rows. The attention layers call `update`, which writes the new token at `pos` in place: no shape
-    changes, so one CUDA graph serves every decode step."""
+    """Preallocated keys and values of every attention layer, [rows, kv heads, prompt + new tokens, head dim], each
+    prompt's copied to its G rows; a linear-attention layer's (Qwen3.5) convolution and recurrent states likewise,
+    [rows, ...]. The layers call `update` (which writes the new token at `pos`) or `update_recurrent_state` and
+    update the convolution state in place: no shape changes, so one CUDA graph serves every decode step."""
 
     def __init__(self, prefill, attention, num_samples: int, room: int):
         self.prompt_len = attention.shape[1]
         self.pos = torch.zeros(1, dtype=torch.long, device=attention.device)
-        self.keys, self.values = [], []
-        for layer in prefill.layers:
+        self.keys, self.values, self.states = [], [], {}
+        for i, layer in enumerate(prefill.layers):
+            if hasattr(layer, "recurrent_states"):  # a linear-attention layer: its state is all it keeps
+                self.states[i] = [x[0].repeat_interleave(num_samples, 0)
+                                  for x in (layer.conv_states, layer.recurrent_states)]
+                self.keys.append(None), self.values.append(None)
+                continue
             for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
                 b, h, p, d = src.shape
                 buf = src.new_zeros(b, num_samples, h, p + room, d)
@@ -150,6 +157,19 @@ class _StaticCache:
         self.keys[layer_idx].index_copy_(2, self.pos, key)
         self.values[layer_idx].index_copy_(2, self.pos, value)
         return self.keys[layer_idx], self.values[layer_idx]
+
+    # what a Gated DeltaNet layer asks of its cache when it decodes one token
+    def get_conv_state(self, layer_idx, state_idx=0):
+        return self.states[layer_idx][0]
+
+    def get_recurrent_state(self, layer_idx, state_idx=0):
+        return self.states[layer_idx][1]
+
+    def update_recurrent_state(self, state, layer_idx, state_idx=0, **kwargs):
+        return self.states[layer_idx][1].copy_(state)
+
+    def is_recording_past(self, layer_idx):
+        return False
 
 
 class _CascadeCache(_StaticCache):
@@ -315,7 +335,7 @@ def _fused_rotary(lm):
     """On a GPU, the attention layers' rotary embedding compiled into one kernel for q and k while decoding, where
     Hugging Face's makes a dozen small ones per layer (the cascade's merge likewise: `_CascadeCache`). Same maths;
     compiled once per process, for any shape."""
-    module = sys.modules[type(lm.layers[0].self_attn).__module__]
+    module = sys.modules[type(next(x.self_attn for x in lm.layers if hasattr(x, "self_attn"))).__module__]
     eager = module.apply_rotary_pos_emb
     if next(lm.parameters()).device.type == "cuda":
         module.apply_rotary_pos_emb = _compiled(eager)
@@ -349,12 +369,14 @@ def _compiled(fn):
 
 
 @contextmanager
-def _fused_rms_norm(lm):
+def _fused_rms_norm(lm, offset: float = 0.0):
     """The language model's RMSNorms as torch's fused kernel while decoding: one kernel instead of seven, which
-    saves 8% of a 7B decode step (BENCHMARKS.md). Same maths; the output is rounded to bf16 once, not twice."""
+    saves 8% of a 7B decode step (BENCHMARKS.md). Same maths (the family's norm scales by weight + `offset`); the
+    output is rounded to bf16 once, not twice."""
     norms = [m for m in lm.modules() if isinstance(m, type(lm.norm))]
     for m in norms:
-        m.forward = partial(F.rms_norm, normalized_shape=m.weight.shape, weight=m.weight, eps=m.variance_epsilon)
+        m.forward = partial(F.rms_norm, normalized_shape=m.weight.shape, weight=m.weight + offset if offset else
+                            m.weight, eps=getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
     try:
         yield
     finally:
@@ -379,6 +401,7 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
 
     rows = len(first)
     room = max_new_tokens + 2  # CUDA-graph capture runs the step twice first: room for those writes
+    layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"] * len(lm.layers)
     cascade = uses_cascade(model, num_samples) if cascade is None else cascade
     cache = (_CascadeCache(out.past_key_values, attention, num_samples, room, attend_with_lse(device, embeds.dtype))
              if cascade else _StaticCache(out.past_key_values, attention, num_samples, room))
@@ -410,14 +433,16 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
         h = lm.embed_tokens(token).unsqueeze(1)
         pos = (next_pos + step).view(1, rows, 1).expand(3, rows, 1)
         rope = lm.rotary_emb(h, pos)
-        for layer in lm.layers:
-            h = layer(h, attention_mask=cache.mask, position_embeddings=rope, past_key_values=cache, use_cache=True)
+        for layer, kind in zip(lm.layers, layer_types):  # a linear-attention layer takes no mask when decoding
+            h = layer(h, attention_mask=cache.mask if kind == "full_attention" else None, position_embeddings=rope,
+                      past_key_values=cache, use_cache=True)
         logits = core.lm_head(lm.norm(h[:, -1])).float()
         step.add_(1)
         choose(logits)
 
     choose(first)
-    with _fused_rms_norm(lm), _fused_rotary(lm), attention_as(lm.config, CASCADE) if cascade else nullcontext():
+    with (_fused_rms_norm(lm, family_of_model(model).norm_offset), _fused_rotary(lm),
+          attention_as(lm.config, CASCADE) if cascade else nullcontext()):
         run = step_fn
         if max_new_tokens > 1 and ((device.type == "cuda") if cuda_graph is None else cuda_graph):
             run = _graphed(step_fn, [ids, tracked, done, step, *cache.state])

@@ -87,6 +87,7 @@ def encode(processor, clips: list[np.ndarray], pixel_cap: int, text: str | list[
     the chat text for every clip or one per clip (default: the fixed prompt)."""
     texts = text if isinstance(text, list) else [text or chat_text(processor)] * len(clips)
     return processor(text=texts, videos=list(clips), padding=True, padding_side="left",
-                     video_metadata=[{"fps": SAMPLE_FPS, "total_num_frames": FRAMES}] * len(clips),
+                     video_metadata=[{"fps": SAMPLE_FPS, "total_num_frames": FRAMES,
+                                     "frames_indices": list(range(FRAMES))}] * len(clips),  # Qwen3.5: timestamps
                      do_sample_frames=False, cap_pixels_per_frame=False, size={"shortest_edge": MIN_PIXELS, "longest_edge": pixel_cap},
                      return_tensors="pt")

@@ -1,16 +1,15 @@
-"""The tiny Qwen2.5-VL: real patch / merge / window / temporal settings at tiny widths, a locally trained
-byte-level BPE tokenizer with Qwen's special tokens and chat template, and the standard processors.
-
-Saved as an ordinary Hugging Face model directory, so every loader treats it like a real checkpoint."""
+"""The tiny models: a Qwen2.5-VL (saved by prepare.py as the tiny profile's base model) and a Qwen3.5 (built in tests
+while the family is not run end to end), at their real patch / merge / temporal settings and layer patterns with
+tiny widths, a locally trained byte-level BPE tokenizer with Qwen's special tokens and chat template, and the
+standard processors. Saved as an ordinary Hugging Face model directory, so every loader treats it like a real checkpoint."""
+import json
 from pathlib import Path
 
 import torch
-import json
-
-
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                          Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+                          Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3_5Config,
+                          Qwen3_5ForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from .profiles import MIN_PIXELS
@@ -91,6 +90,36 @@ def build_model(tokenizer, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
         tie_word_embeddings=False)
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).float()
+
+
+def build_qwen3_5(tokenizer, seed: int = 0) -> Qwen3_5ForConditionalGeneration:
+    """A tiny Qwen3.5: its real layer pattern (three Gated DeltaNet layers, then full attention), patch 16 / merge 2 /
+    temporal 2, partial rotary with interleaved M-RoPE, tiny widths."""
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3_5Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+                         linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                         linear_conv_kernel_dim=4, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.5,
+                                          "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+                         bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=256),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return Qwen3_5ForConditionalGeneration(config).float()
+
+
+def build_qwen3_5_processor(tokenizer, pixel_cap: int) -> Qwen3VLProcessor:
+    """Qwen3.5's processors (timestamps before every frame pair), patch 16."""
+    image = Qwen2VLImageProcessor(patch_size=16, size={"shortest_edge": MIN_PIXELS, "longest_edge": pixel_cap})
+    video = Qwen3VLVideoProcessor(patch_size=16, size={"shortest_edge": MIN_PIXELS, "longest_edge": pixel_cap})
+    return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                            chat_template=CHAT_TEMPLATE)
 
 
 def build(out: Path, pixel_cap: int) -> None:
