@@ -180,19 +180,25 @@ def test_token_logprobs_match_a_full_forward(policy):
     assert torch.allclose(sub, ref[part].detach(), atol=1e-4)
 
 
-def test_packed_update_matches_per_row_forward_with_lora(policy, monkeypatch):
-    """The update's mask-free packed attention under LoRA, checkpointing on some layers and not others, uneven rows
-    per prompt: log-probs and LoRA gradients against Hugging Face's forward of each row alone (which computes its own
-    M-RoPE positions, 3-D video ones included)."""
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3.5"])
+def test_packed_update_matches_per_row_forward_with_lora(policy, monkeypatch, family):
+    """The update's packed pass under LoRA, checkpointing on some layers and not others, uneven rows per prompt:
+    log-probs and LoRA gradients against Hugging Face's forward of each row alone (which computes its own M-RoPE
+    positions, 3-D video ones included). On Qwen3.5 each completion's Gated DeltaNet states must start from its
+    prompt's, not from the completion packed before it."""
     from peft import LoraConfig, get_peft_model
     m, p = policy
+    side, targets = 56, "(q|k|v|o)_proj"
+    if family == "qwen3.5":
+        m, p = tiny.build_qwen3_5(p.tokenizer), tiny.build_qwen3_5_processor(p.tokenizer, 64 * 64)
+        side, targets = 64, "(q_proj|k_proj|v_proj|o_proj|in_proj_qkv|in_proj_z|out_proj)"
     torch.manual_seed(1)
-    lora = get_peft_model(copy.deepcopy(m), LoraConfig(r=4, target_modules=r".*language_model.*(q|k|v|o)_proj"))
+    lora = get_peft_model(copy.deepcopy(m), LoraConfig(r=4, target_modules=rf".*language_model.*{targets}"))
     for name, w in lora.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(w, std=0.1)
     lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = model.encode(p, clips(2, seed=9), 56 * 56, [model.chat_text(p), model.chat_text(p, "no_think")])
+    batch = model.encode(p, clips(2, seed=9), side * side, [model.chat_text(p), model.chat_text(p, "no_think")])
     assert batch["attention_mask"].min() == 0
     prompt_of_row = torch.tensor([0, 0, 0, 1])
     ids = engine.generate(lora.eval(), p, batch, num_samples=3, max_new_tokens=10).ids[:4]
@@ -208,11 +214,12 @@ def test_packed_update_matches_per_row_forward_with_lora(policy, monkeypatch):
     ref = logits[:, ref_rows["input_ids"].shape[1] - 1:-1].float().log_softmax(-1)
     ref = ref.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     ref_grad = torch.autograd.grad((ref * weight).sum(), params)
-    free = iter([10, 0.5])  # checkpointing "by memory" on a GPU whose memory runs short after the first layer
+    n = len(m.model.language_model.layers)
+    free = iter([10] + [0.5] * (n - 1))  # checkpointing "by memory" on a GPU whose memory runs short after a layer
     monkeypatch.setattr(engine, "_memory", lambda device: (next(free), 4))
     recomputed, checkpoint = [], engine.checkpoint
     monkeypatch.setattr(engine, "checkpoint", lambda fn, *a, **k: recomputed.append(fn) or checkpoint(fn, *a, **k))
-    for checkpointing, layers in ((None, 2), (1, 1), (0, 0), ("memory", 1)):
+    for checkpointing, layers in ((None, n), (1, 1), (0, 0), ("memory", n - 1)):
         recomputed.clear()
         ours = engine.token_logprobs(lora, batch, ids, prompt_of_row=prompt_of_row, checkpointing=checkpointing)
         assert recomputed.count(engine._packed_layer) == layers

@@ -607,15 +607,64 @@ PACKED = "autobuster_packed"
 AttentionInterface.register(PACKED, _packed_attention)
 
 
+class _LinearStates:
+    """What a Gated DeltaNet layer carries from one call to the next (the last convolution inputs, the recurrent
+    state), held as plain tensors so that autograd follows them from a prompt into its completions."""
+
+    def __init__(self, conv=None, recurrent=None):
+        self.conv, self.recurrent = conv, recurrent
+
+    def get_conv_state(self, layer_idx, state_idx=0):
+        return self.conv
+
+    def get_recurrent_state(self, layer_idx, state_idx=0):
+        return self.recurrent
+
+    def update_conv_state(self, inputs, layer_idx, state_idx=0, conv_kernel_size=4, **kwargs):
+        full = inputs if self.conv is None else torch.cat([self.conv, inputs], -1)
+        self.conv = F.pad(full, (max(0, conv_kernel_size - full.shape[-1]), 0))[..., -conv_kernel_size:]
+        return full
+
+    def update_recurrent_state(self, state, layer_idx, state_idx=0, **kwargs):
+        self.recurrent = state
+        return state
+
+    def is_recording_past(self, layer_idx):
+        return False
+
+
+def _packed_linear(forward, packed, hidden_states, attention_mask=None, cache_params=None, **kwargs):
+    """A Gated DeltaNet layer (Qwen3.5's linear attention, `forward`) over `_Packed` sequences: run straight through,
+    each completion would start from the state the completion before it left. So per sequence the prompt's valid
+    tokens run first, then its completions as a batch, each starting from the prompt's final convolution and
+    recurrent states."""
+    plen = hidden_states.shape[1] - packed.blocks * packed.width
+    out = []
+    for s, pad in enumerate(packed.pads):
+        states = _LinearStates()
+        prompt = forward(hidden_states[s:s + 1, pad:plen], cache_params=states)[0]
+        states = _LinearStates(states.conv.repeat(packed.blocks, 1, 1),
+                               states.recurrent.repeat(packed.blocks, 1, 1, 1))
+        own = forward(hidden_states[s, plen:].unflatten(0, (packed.blocks, packed.width)), cache_params=states)
+        out.append(torch.cat([prompt.new_zeros(pad, prompt.shape[-1]), prompt, own.flatten(0, 1)]))
+    return torch.stack(out)
+
+
 def _packed_layer(layer, hidden, rope, packed):
-    """One decoder layer over packed sequences. The switches live in here, not around the loop: a checkpointed layer
-    runs again in backward, after token_logprobs has returned."""
+    """One decoder layer over packed sequences: its attention as `_packed_attention`, or its linear attention as
+    `_packed_linear`. The switches live in here, not around the loop: a checkpointed layer runs again in backward,
+    after token_logprobs has returned."""
     own_checkpointing, layer.gradient_checkpointing = layer.gradient_checkpointing, False
+    attention, mixer = getattr(layer, "self_attn", None), getattr(layer, "linear_attn", None)
+    if mixer is not None:
+        mixer.forward = partial(_packed_linear, type(mixer).forward.__get__(mixer), packed)
     try:
-        with attention_as(layer.self_attn.config, PACKED):
+        with attention_as(attention.config, PACKED) if attention is not None else nullcontext():
             return layer(hidden, attention_mask=packed, position_embeddings=rope)
     finally:
         layer.gradient_checkpointing = own_checkpointing
+        if mixer is not None:
+            del mixer.forward
 
 
 MEMORY_RESERVE = 0.25  # share of the GPU's memory that checkpointing "by memory" leaves free for the backward pass
