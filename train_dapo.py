@@ -36,7 +36,9 @@ FOUR_BIT = False  # QLoRA: NF4 base weights, bf16 LoRA
 LORA_RANK = 16
 LORA_ALPHA = 32
 LORA_DROPOUT = 0.0  # dropout would make the importance ratio noisy
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj") + (("gate_proj", "up_proj", "down_proj") if TINY else ())
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention: every Qwen2.5-VL layer, every 4th Qwen3.5 one
+LORA_MODULES += ("in_proj_qkv", "in_proj_z", "out_proj")  # Qwen3.5's Gated DeltaNet layers (Qwen2.5-VL has none)
+LORA_MODULES += ("gate_proj", "up_proj", "down_proj") if TINY else ()  # the MLPs
 # The 7B vision tower is pretrained and stays frozen; the tiny one is a random 2-block ViT that has never learnt to
 # see (frozen, even supervised training stays at chance; LoRA on it learns too slowly), so the tiny profile trains
 # it in full and saves it with the adapter (peft's modules_to_save).
