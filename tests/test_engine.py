@@ -34,7 +34,17 @@ def test_greedy_matches_hf_generate(policy):
             assert ours.ids[i, :k].tolist() == ref[i, :k].tolist()
 
 
-def test_cascade_greedy_matches_hf_generate(policy):
+def warm_up_then_eager(fn, state):
+    """`_graphed` on a CPU: the two warm-up steps a CUDA-graph capture runs, the state restored, then plain steps.
+    A tensor a decode step changes that is missing from `state` shows as wrong tokens."""
+    saved = [t.clone() for t in state]
+    fn(), fn()
+    for t, s in zip(state, saved):
+        t.copy_(s)
+    return fn
+
+
+def test_cascade_greedy_matches_hf_generate(policy, monkeypatch):
     """Shared-prompt decode, G rows per prompt, against Hugging Face generate on each prompt alone: prompts of
     different lengths (left padding), groups that end at different steps."""
     m, p = policy
@@ -43,8 +53,9 @@ def test_cascade_greedy_matches_hf_generate(policy):
     assert batch["attention_mask"].min() == 0 and engine.uses_cascade(m, 2) and not engine.uses_cascade(m, 1)
     tok = p.tokenizer
     ends = engine.end_ids(tok) + tok.encode(">A")[:1]  # the answer A ends a reply: rows end at different steps
+    monkeypatch.setattr(engine, "_graphed", warm_up_then_eager)  # the capture's warm-up steps, on a CPU
     ids, _ = engine.decode(m, batch, 2, 40, ends, engine.banned_ids(tok), tok.pad_token_id, greedy=True,
-                           cascade=True)
+                           cascade=True, cuda_graph=True)
     ref = m.generate(**batch, do_sample=False, max_new_tokens=40, eos_token_id=ends, pad_token_id=tok.pad_token_id,
                      suppress_tokens=engine.banned_ids(tok))
     ref = ref[:, batch["input_ids"].shape[1]:]
@@ -54,10 +65,10 @@ def test_cascade_greedy_matches_hf_generate(policy):
         assert ids[row, :k].tolist() == ref[row // 2, :k].tolist()
 
 
-def test_qwen3_5_greedy_matches_hf_generate(policy):
+def test_qwen3_5_greedy_matches_hf_generate(policy, monkeypatch):
     """The tiny Qwen3.5 (Gated DeltaNet layers with convolution and recurrent states, then full attention): each
     prompt's states copied to its G rows, greedy decode token for token against Hugging Face generate, prompts of
-    different lengths, rows ending at different steps."""
+    different lengths, rows ending at different steps, through the capture's warm-up steps."""
     tok = policy[1].tokenizer
     m = tiny.build_qwen3_5(tok).eval()
     p = tiny.build_qwen3_5_processor(tok, 64 * 64)
@@ -72,8 +83,9 @@ def test_qwen3_5_greedy_matches_hf_generate(policy):
     ref = m.generate(**batch, eos_token_id=ends, output_logits=True, return_dict_in_generate=True, **kw)
     ref_logits = torch.stack(ref.logits, 1)[..., :64]  # the tokens' logits at every step, before any processing
     ref = ref.sequences[:, batch["input_ids"].shape[1]:]
+    monkeypatch.setattr(engine, "_graphed", warm_up_then_eager)
     ids, tracked = engine.decode(m, batch, 2, 12, ends, engine.banned_ids(tok), tok.pad_token_id, greedy=True,
-                                 track_ids=list(range(64)))
+                                 track_ids=list(range(64)), cuda_graph=True)
     lengths = engine.completion_mask(ids, ends)[0].sum(1).tolist()
     assert len(set(lengths)) > 1
     for row, k in enumerate(lengths):

@@ -146,7 +146,9 @@ class _StaticCache:
         self.mask = torch.zeros(len(attention) * num_samples, 1, 1, self.prompt_len + room, dtype=torch.bool,
                                 device=attention.device)
         self.mask[:, 0, 0, :self.prompt_len] = attention.bool().repeat_interleave(num_samples, 0)
-        self.state = [self.pos, self.mask]  # what a decode step changes besides the keys and values
+        # what a decode step changes besides the keys and values (`_graphed` restores it after its warm-up steps; a
+        # recurrent state, unlike a key, cannot be hidden from the next step by the mask)
+        self.state = [self.pos, self.mask, *(t for pair in self.states.values() for t in pair)]
 
     def advance(self, step):
         """Before the layers of a step: the token chosen at `step` is written, and seen, at its place."""
