@@ -1,10 +1,12 @@
 """The generation and log-prob engine shared by rollouts and evaluation.
 
 Hugging Face `generate` runs the vision tower and the prompt prefill once per sample and decodes step by step in
-Python. Here each video goes through the vision tower once, each prompt is prefilled once and its KV cache copied
-to its G rows of a preallocated cache, and the decode step (all layers, sampling included) is one CUDA graph on
-the GPU, replayed until every row has ended. The model's own layers do the maths, so greedy outputs equal
-`generate` token for token (tests/test_engine.py)."""
+Python. Here each video goes through the vision tower once (its windows batched), each prompt is prefilled once,
+and the decode step (all layers, sampling included) is one CUDA graph on the GPU, replayed until every row has
+ended. The G rows of a prompt share its KV cache (cascade attention) where the model has full attention only; a
+Qwen3.5's linear-attention states are copied to its rows. The update's log-probs pack each prompt once with its
+completions, without a mask tensor. The model's own layers do the maths, so greedy outputs equal `generate` token
+for token and log-probs equal a plain forward (tests/test_engine.py)."""
 import sys
 from collections import Counter
 from contextlib import contextmanager, nullcontext
