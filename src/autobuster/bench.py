@@ -254,7 +254,8 @@ def greedy_agreement(model, batch, n: int = 64) -> dict:
     pair_ok = torch.stack([pairs[j::2] == forced(pairs[j::2]).argmax(-1) for j in range(2)])
     pair_clear = torch.stack([clear(forced(pairs[j::2])) for j in range(2)])
     return dict(cascade=engine.uses_cascade(model, 2), cascade_forced=pair_ok.float().mean().item(),
-                cascade_forced_clear=pair_ok[pair_clear].float().mean().item(),free=(ours == ref).float().mean().item(), forced=forced_ok.float().mean().item(),
+                cascade_forced_clear=pair_ok[pair_clear].float().mean().item(),
+                free=(ours == ref).float().mean().item(), forced=forced_ok.float().mean().item(),
                 plain_forced=(ref == ref_forced.argmax(-1)).float().mean().item(), noise=noise,
                 threshold=threshold, forced_clear=forced_ok[ours_clear].float().mean().item(),
                 clear=ours_clear.float().mean().item(), free_clear=(ours == ref)[before_tie].float().mean().item(),
