@@ -1,22 +1,25 @@
-"""`autobuster bench`: the engine against the plain Hugging Face path, in one run, at a real Qwen2.5-VL size with
-random weights (nothing is downloaded). Random weights never emit the end token on purpose, so every row decodes
-the full length; the decode floor (weights + KV cache read once per step at the measured copy bandwidth) is
-worked out for the same setting.
+"""`autobuster bench`: the engine against the plain Hugging Face path, in one run, at a real Qwen2.5-VL or Qwen3.5
+size with random weights (nothing is downloaded). Random weights never emit the end token on purpose, so every row
+decodes the full length; the decode floor (weights + KV cache + linear-attention states read once per step at the
+measured copy bandwidth) is worked out for the same setting.
 
     uv run autobuster bench --size 7b --frames 16 --side 448 --prompts 8 --group 8 --new-tokens 512
+    uv run autobuster bench --family qwen3.5 --size 4b
 """
 import json
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen3_5Config
 
 from . import distributed, engine
 from .errors import UserError
+from .families import QWEN2_5_VL, QWEN3_5, Family, family_of_model
 from .model import default_device, lora_targets, nf4
 from .profiles import PROFILES
 
@@ -34,8 +37,54 @@ TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, f
 SPECIAL = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 SPECIAL_FROM = 151643  # ids from here up are Qwen's special tokens: never sampled (a sampled <|video_pad|> breaks
 # the next forward), as engine.banned_ids does with a real tokenizer
+# Qwen3.5 (Qwen/Qwen3.5-4B's config; the layers are three Gated DeltaNet ones, then one with full attention)
+TEXT_3_5 = {
+    "4b": dict(hidden_size=2560, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=16,
+               num_key_value_heads=4, head_dim=256, vocab_size=248320, linear_num_key_heads=16,
+               linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+               rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                                "mrope_section": [11, 11, 10], "mrope_interleaved": True}),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=248320, linear_num_key_heads=2,
+                 linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.5,
+                                  "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+}
+VISION_3_5 = {"4b": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, num_position_embeddings=2304),
+              "tiny": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=256)}
+SPECIAL_3_5 = dict(image_token_id=248056, video_token_id=248057, vision_start_token_id=248053,
+                   vision_end_token_id=248054)
+SPECIAL_FROM_3_5 = 248044
 TEXT_TOKENS = 142  # the BusterX++ prompt and chat template around the video (2,190 - 2,048 at 448²)
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")  # train_dapo.py's default for the real profiles
+STAMP_TOKENS = 4  # Qwen3.5: the "<0.1 seconds>" text before each frame pair
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "in_proj_qkv", "in_proj_z", "out_proj")  # as train_dapo.py
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the bench builds for one model family at one size."""
+    family: Family
+    config: object  # the model's config
+    patch: int
+    special: dict  # the vision token ids
+    special_from: int  # first special token id (never sampled)
+    per_pair: bool  # each frame pair is its own vision run after a timestamp (Qwen3.5) or one run per video
+
+
+def shapes(family: str, size: str) -> Shapes:
+    if family == QWEN3_5.name.lower():
+        if size not in TEXT_3_5:
+            raise UserError(f"unknown --size {size!r} for {family}: use one of {', '.join(TEXT_3_5)}")
+        text = TEXT_3_5[size] | dict(max_position_embeddings=262144, rms_norm_eps=1e-6, linear_conv_kernel_dim=4)
+        cfg = Qwen3_5Config(text_config=text, vision_config=VISION_3_5[size] | dict(
+            out_hidden_size=text["hidden_size"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2),
+            tie_word_embeddings=size == "4b", **SPECIAL_3_5)
+        return Shapes(QWEN3_5, cfg, 16, SPECIAL_3_5, SPECIAL_FROM_3_5, True)
+    if family != QWEN2_5_VL.name.lower():
+        raise UserError(f"unknown --family {family!r}: use {QWEN2_5_VL.name.lower()} or {QWEN3_5.name.lower()}")
+    if size not in TEXT:
+        raise UserError(f"unknown --size {size!r}: use one of {', '.join(TEXT)}")
+    return Shapes(QWEN2_5_VL, config(size), 14, SPECIAL, SPECIAL_FROM, False)
 
 
 def config(size: str) -> Qwen2_5_VLConfig:
@@ -50,39 +99,49 @@ def config(size: str) -> Qwen2_5_VLConfig:
         tie_word_embeddings=size == "3b", **SPECIAL)
 
 
-def random_model(size: str, four_bit: bool, device: torch.device):
+def random_model(size: str, four_bit: bool, device: torch.device, family: str = "qwen2.5-vl"):
     """Random weights at the real shapes; 4-bit goes through a saved checkpoint, as a real one is loaded."""
+    shape = shapes(family, size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config(size), dtype=dtype)
+        model = shape.family.model_class._from_config(shape.config, dtype=dtype)
     if four_bit:
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             del model
             torch.cuda.empty_cache()
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                tmp, dtype=dtype, quantization_config=nf4(dtype), device_map={"": device})
+            model = shape.family.model_class.from_pretrained(
+                tmp, dtype=dtype, quantization_config=nf4(dtype, shape.family), device_map={"": device})
     return model.eval()
 
 
-def prompts(n: int, frames: int, side: int, seed: int = 0) -> dict:
+def prompts(n: int, frames: int, side: int, seed: int = 0, shape: Shapes | None = None) -> dict:
     """A batch shaped like encode()'s: chat text around one video of `frames` frames at side² (random pixels)."""
+    shape = shape or shapes("qwen2.5-vl", "7b")
     g = torch.Generator().manual_seed(seed)
-    t, h = frames // 2, side // 14 // 2 * 2
-    video = t * h * h // 4
-    text = torch.randint(0, SPECIAL_FROM, (n, TEXT_TOKENS), generator=g)
-    ids = torch.cat([text[:, :15], torch.full((n, 1), SPECIAL["vision_start_token_id"]),
-                     torch.full((n, video), SPECIAL["video_token_id"]),
-                     torch.full((n, 1), SPECIAL["vision_end_token_id"]), text[:, 17:]], 1)
-    return dict(input_ids=ids, attention_mask=torch.ones_like(ids),
-                mm_token_type_ids=(ids == SPECIAL["video_token_id"]).long() * 2,
-                pixel_values_videos=torch.randn(n * t * h * h, 3 * 2 * 14 * 14, generator=g),
-                video_grid_thw=torch.tensor([[t, h, h]] * n), second_per_grid_ts=torch.tensor([0.5] * n))
+    sp, patch = shape.special, shape.patch
+    t, h = frames // 2, side // patch // 2 * 2
+    text = torch.randint(0, shape.special_from, (n, TEXT_TOKENS + t * STAMP_TOKENS), generator=g)
+    start, end = torch.full((n, 1), sp["vision_start_token_id"]), torch.full((n, 1), sp["vision_end_token_id"])
+    if shape.per_pair:  # each frame pair: its timestamp, then its own vision run
+        at = TEXT_TOKENS
+        pairs = [[text[:, at + i * STAMP_TOKENS:at + (i + 1) * STAMP_TOKENS], start,
+                  torch.full((n, h * h // 4), sp["video_token_id"]), end] for i in range(t)]
+        video = torch.cat([x for pair in pairs for x in pair], 1)
+    else:
+        video = torch.cat([start, torch.full((n, t * h * h // 4), sp["video_token_id"]), end], 1)
+    ids = torch.cat([text[:, :15], video, text[:, 17:TEXT_TOKENS]], 1)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                 mm_token_type_ids=(ids == sp["video_token_id"]).long() * 2,
+                 pixel_values_videos=torch.randn(n * t * h * h, 3 * 2 * patch * patch, generator=g),
+                 video_grid_thw=torch.tensor([[t, h, h]] * n))
+    return batch if shape.per_pair else batch | dict(second_per_grid_ts=torch.tensor([0.5] * n))
 
 
 def special(model) -> list[int]:
-    return list(range(SPECIAL_FROM, model.config.text_config.vocab_size))
+    first = SPECIAL_FROM_3_5 if family_of_model(model) is QWEN3_5 else SPECIAL_FROM
+    return list(range(first, model.config.text_config.vocab_size))
 
 
 @contextmanager
@@ -154,11 +213,12 @@ def engine_update(model, batch, ids, group, micro_tokens, r, checkpointing="memo
     r["update_peak_gb"] = peak_gb(reset=True)
 
 
-def eval_throughput(model, clips, batch_size, new_tokens, frames, side, r):
+def eval_throughput(model, clips, batch_size, new_tokens, frames, side, r, shape: Shapes | None = None):
     """The fixed evaluation's path as evaluate.py runs it: LoRA merged, greedy, `batch_size` clips per decode, the
     A/B logits tracked; random weights never end a reply, so every one runs to the cap."""
     kw = dict(ends=[], banned=special(model), pad=0, greedy=True, track_ids=[32, 33])
-    batches = [prompts(min(batch_size, clips - i), frames, side, seed=100 + i) for i in range(0, clips, batch_size)]
+    batches = [prompts(min(batch_size, clips - i), frames, side, seed=100 + i, shape=shape)
+               for i in range(0, clips, batch_size)]
     with engine.merged_lora(model):
         engine.decode(model, batches[0], 1, 2, **kw)  # warm-up
         peak_gb(reset=True)
@@ -193,11 +253,11 @@ def plain_update(model, batch, ids, group, rows_per_micro, r):
     plen = rep["input_ids"].shape[1]
 
     def logprobs(p):
-        ext = dict(input_ids=torch.cat([rep["input_ids"][p], ids[p]], 1),
-                   attention_mask=torch.cat([rep["attention_mask"][p], torch.ones_like(ids[p])], 1),
-                   mm_token_type_ids=torch.cat([rep["mm_token_type_ids"][p], torch.zeros_like(ids[p])], 1),
-                   pixel_values_videos=rep["pixel_values_videos"][p[0] * per_video:(p[-1] + 1) * per_video],
-                   video_grid_thw=rep["video_grid_thw"][p], second_per_grid_ts=rep["second_per_grid_ts"][p])
+        ext = {k: v[p] for k, v in rep.items() if k != "pixel_values_videos"} | dict(
+            input_ids=torch.cat([rep["input_ids"][p], ids[p]], 1),
+            attention_mask=torch.cat([rep["attention_mask"][p], torch.ones_like(ids[p])], 1),
+            mm_token_type_ids=torch.cat([rep["mm_token_type_ids"][p], torch.zeros_like(ids[p])], 1),
+            pixel_values_videos=rep["pixel_values_videos"][p[0] * per_video:(p[-1] + 1) * per_video])
         logits = model(**ext).logits[:, plen - 1:-1].float()
         return logits.log_softmax(-1).gather(-1, ids[p].unsqueeze(-1)).squeeze(-1)
 
@@ -227,6 +287,7 @@ def greedy_agreement(model, batch, n: int = 64) -> dict:
     `cascade_forced_clear` are the same checks of the engine with two greedy rows per prompt, where it shares each
     prompt's cache (`cascade`)."""
     batch = {k: v.to(model.device) for k, v in batch.items()}
+    first = special(model)[0]
     ours, _ = engine.decode(model, batch, 1, n, ends=[], banned=special(model), pad=0, greedy=True)
     gen = model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n,
                          suppress_tokens=special(model), output_logits=True, return_dict_in_generate=True)
@@ -236,10 +297,10 @@ def greedy_agreement(model, batch, n: int = 64) -> dict:
         ext = dict(batch, input_ids=torch.cat([batch["input_ids"], ids], 1),
                    attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(ids)], 1),
                    mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids)], 1))
-        return model(**ext, logits_to_keep=n + 1).logits[:, :-1, :SPECIAL_FROM].float()
+        return model(**ext, logits_to_keep=n + 1).logits[:, :-1, :first].float()
 
     ours_forced, ref_forced = forced(ours), forced(ref)
-    noise = (torch.stack(gen.logits, 1)[..., :SPECIAL_FROM].float() - ref_forced).abs().max().item()
+    noise = (torch.stack(gen.logits, 1)[..., :first].float() - ref_forced).abs().max().item()
     threshold = 2 * noise
 
     def clear(logits):
@@ -278,18 +339,17 @@ def _aligned(n: int) -> int:
 def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_tokens=512, four_bit=False,
           plain=True, micro_tokens=16384, plain_micro_rows=8, check=False, out=None, eval_clips=64,
           eval_batch=PROFILES["genbuster"].eval_batch, eval_new_tokens=PROFILES["genbuster"].eval_max_new_tokens,
-          checkpointing="memory"):
-    if size not in TEXT:
-        raise UserError(f"unknown --size {size!r}: use one of {', '.join(TEXT)}")
+          checkpointing="memory", family="qwen2.5-vl"):
+    shape = shapes(family, size)
     if frames % 2 or side < 56:
         raise UserError("--frames must be even and --side at least 56")
     rank, world = distributed.init()  # under torchrun: one DAPO step per rank, its own prompts, summed gradients
     plain = plain and world == 1
     device = default_device()
-    model = random_model(size, four_bit, device)
-    batch = prompts(prompts_per_step, frames, side, seed=rank)
+    model = random_model(size, four_bit, device, family)
+    batch = prompts(prompts_per_step, frames, side, seed=rank, shape=shape)
     rows, plen = prompts_per_step * group, batch["input_ids"].shape[1]
-    setting = dict(size=size, frames=frames, side=side, prompt_tokens=plen, prompts=prompts_per_step, group=group,
+    setting = dict(family=family, size=size, frames=frames, side=side, prompt_tokens=plen, prompts=prompts_per_step, group=group,
                    rows=rows, new_tokens=new_tokens, weights="nf4" if four_bit else "bf16" if device.type == "cuda" else "fp32", gpus=world,
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    cascade=engine.uses_cascade(model, group), checkpointing=checkpointing)
@@ -328,12 +388,19 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
     if eval_clips:
         model.eval()
         result["eval"] = r = {}
-        eval_throughput(model, eval_clips, eval_batch, eval_new_tokens, frames, side, r)
+        eval_throughput(model, eval_clips, eval_batch, eval_new_tokens, frames, side, r, shape)
         print("eval", json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
     bw = copy_bandwidth()
-    text = TEXT[size]
-    kv_per_token = 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * (
-        text["hidden_size"] // text["num_attention_heads"]) * 2
+    text = model.config.text_config
+    kinds = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * kinds.count("full_attention") * text.num_key_value_heads * head_dim * 2
+    # a Gated DeltaNet layer reads and writes its fp32 recurrent state and its convolution state every step
+    state_per_row = (kinds.count("linear_attention") * 2 * (
+        4 * text.linear_num_value_heads * text.linear_key_head_dim * text.linear_value_head_dim
+        + 2 * (2 * text.linear_num_key_heads * text.linear_key_head_dim
+               + text.linear_num_value_heads * text.linear_value_head_dim) * text.linear_conv_kernel_dim)
+        if "linear_attention" in kinds else 0)
     lm_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "visual" not in n)
     # a decode step reads every weight but the input embedding (it gathers one row per token; a tied one is the head)
     tied = model.config.tie_word_embeddings
@@ -346,9 +413,9 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
         "path": (prompts_per_step * _aligned(plen) + rows * _aligned(new_tokens + 2)) if setting["cascade"]
         else rows * (plen + new_tokens + 2),
     }
-    floor = dict(copy_tb_per_s=bw / 1e12, weights_read_gb=read / 1e9)
+    floor = dict(copy_tb_per_s=bw / 1e12, weights_read_gb=read / 1e9, states_gb=rows * state_per_row / 1e9)
     for name, tokens in kv_tokens.items():
-        seconds = ((lm_bytes if name == "old" else read) + tokens * kv_per_token) / bw
+        seconds = ((lm_bytes if name == "old" else read) + tokens * kv_per_token + rows * state_per_row) / bw
         floor |= {f"{name}_kv_gb": tokens * kv_per_token / 1e9, f"{name}_ms_per_step": 1000 * seconds,
                   f"{name}_tokens_per_s": rows / seconds}
     # the keys earlier JSONs have: the old floor

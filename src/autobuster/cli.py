@@ -48,7 +48,8 @@ def main(argv=None):
     s.add_argument("--gpus", required=True, help="GPU numbers, e.g. 0,1,2,3")
     sub.add_parser("demo", help="the whole pipeline on the tiny profile, offline, on CPU, in a scratch folder")
     s = sub.add_parser("bench", help="engine vs plain Hugging Face speed and memory at a real size, random weights")
-    s.add_argument("--size", default="7b", help="7b, 3b or tiny")
+    s.add_argument("--family", default="qwen2.5-vl", help="qwen2.5-vl or qwen3.5")
+    s.add_argument("--size", help="qwen2.5-vl: 7b (default), 3b or tiny; qwen3.5: 4b (default) or tiny")
     s.add_argument("--frames", type=int, default=16)
     s.add_argument("--side", type=int, default=448, help="frame side in pixels (448 -> 2,048 video tokens)")
     s.add_argument("--prompts", type=int, default=8, help="prompts (videos) per step")
@@ -81,9 +82,11 @@ def main(argv=None):
         guarded(loop.worktrees, a.tag, a.gpus)
     elif a.cmd == "bench":
         from .bench import bench
-        guarded(bench, a.size, a.frames, a.side, a.prompts, a.group, a.new_tokens, a.four_bit, not a.no_plain,
+        size = a.size or ("4b" if a.family == "qwen3.5" else "7b")
+        guarded(bench, size, a.frames, a.side, a.prompts, a.group, a.new_tokens, a.four_bit, not a.no_plain,
                 a.micro_tokens, check=a.check, out=a.json, eval_clips=a.eval_clips, eval_batch=a.eval_batch,
-                eval_new_tokens=a.eval_new_tokens, checkpointing=True if a.checkpointing == "all" else "memory")
+                eval_new_tokens=a.eval_new_tokens, checkpointing=True if a.checkpointing == "all" else "memory",
+                family=a.family)
     elif a.cmd == "demo":
         from .demo import demo
         guarded(demo)
