@@ -118,8 +118,9 @@ def cut_network(monkeypatch) -> None:
 
 
 def model_dir(tmp_path) -> str:
-    """A stand-in base model directory: prepare only checks that it is there (it loads it at evaluation)."""
+    """A stand-in base model directory: prepare only reads its family from config.json (it loads it at evaluation)."""
     (tmp_path / "model").mkdir(exist_ok=True)
+    (tmp_path / "model" / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
     return str(tmp_path / "model")
 
 

@@ -48,11 +48,16 @@ def test_cascade_greedy_matches_hf_generate(policy, monkeypatch):
     """Shared-prompt decode, G rows per prompt, against Hugging Face generate on each prompt alone: prompts of
     different lengths (left padding), groups that end at different steps."""
     m, p = policy
-    batch = model.encode(p, clips(3, seed=4), 56 * 56,
-                         [model.chat_text(p, "no_think"), model.chat_text(p), model.chat_text(p, "no_think")])
+    pool, texts = clips(8, seed=4), [model.chat_text(p, "no_think"), model.chat_text(p)]
+    # a clip answered A with the first text and one answered B with the second, whatever this warm start learnt:
+    # with ">A" as an end token their rows end at different steps
+    a, b = (next(i for i, t in enumerate(engine.generate(m, p, model.encode(p, pool, 56 * 56, text), greedy=True,
+                                                         max_new_tokens=40).texts) if f"<answer>{x}" in t)
+            for text, x in zip(texts, "AB"))
+    batch = model.encode(p, [pool[a], pool[b], pool[a]], 56 * 56, texts + texts[:1])
     assert batch["attention_mask"].min() == 0 and engine.uses_cascade(m, 2) and not engine.uses_cascade(m, 1)
     tok = p.tokenizer
-    ends = engine.end_ids(tok) + tok.encode(">A")[:1]  # the answer A ends a reply: rows end at different steps
+    ends = engine.end_ids(tok) + tok.encode(">A")[:1]
     monkeypatch.setattr(engine, "_graphed", warm_up_then_eager)  # the capture's warm-up steps, on a CPU
     ids, _ = engine.decode(m, batch, 2, 40, ends, engine.banned_ids(tok), tok.pad_token_id, greedy=True,
                            cascade=True, cuda_graph=True)
