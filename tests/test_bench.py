@@ -15,10 +15,13 @@ def test_bench_runs_both_paths_and_agrees_with_generate(tmp_path):
           "--json", str(out)])
     r = json.loads(out.read_text())
     agree = r["greedy_agreement"]
-    for key in ("free", "forced", "plain_forced", "forced_clear", "free_clear", "cascade_forced", "cascade_forced_clear"):
+    for key in ("free", "forced", "plain_forced", "forced_clear", "free_clear", "cascade_forced",
+                "cascade_forced_clear"):
         assert agree[key] == 1.0, key
-    assert agree["cascade"] and agree["noise"] < 1e-4 and agree["clear"] > 0.9 and agree["free_clear_positions"] > 0  # fp32: no near-ties
-    assert r["setting"]["rows"] == 4 and r["setting"]["prompt_tokens"] == 142 + (4 // 2) * (56 // 28) ** 2  # text + video tokens
+    assert agree["cascade"] and agree["noise"] < 1e-4 and agree["clear"] > 0.9  # fp32: no near-ties
+    assert agree["free_clear_positions"] > 0
+    assert r["setting"]["rows"] == 4
+    assert r["setting"]["prompt_tokens"] == 142 + (4 // 2) * (56 // 28) ** 2  # text + video tokens
     for path in ("engine", "plain"):
         assert r[path]["rollout_tokens_per_s"] > 0 and r[path]["update_s"] > 0
     assert r["eval"]["clips"] == 3 and r["eval"]["batch"] == 2 and r["eval"]["clips_per_s"] > 0

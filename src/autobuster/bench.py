@@ -50,8 +50,10 @@ TEXT_3_5 = {
                  rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.5,
                                   "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
 }
-VISION_3_5 = {"4b": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, num_position_embeddings=2304),
-              "tiny": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=256)}
+VISION_3_5 = {
+    "4b": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, num_position_embeddings=2304),
+    "tiny": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=256),
+}
 SPECIAL_3_5 = dict(image_token_id=248056, video_token_id=248057, vision_start_token_id=248053,
                    vision_end_token_id=248054)
 SPECIAL_FROM_3_5 = 248044
@@ -349,8 +351,9 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
     model = random_model(size, four_bit, device, family)
     batch = prompts(prompts_per_step, frames, side, seed=rank, shape=shape)
     rows, plen = prompts_per_step * group, batch["input_ids"].shape[1]
-    setting = dict(family=family, size=size, frames=frames, side=side, prompt_tokens=plen, prompts=prompts_per_step, group=group,
-                   rows=rows, new_tokens=new_tokens, weights="nf4" if four_bit else "bf16" if device.type == "cuda" else "fp32", gpus=world,
+    weights = "nf4" if four_bit else "bf16" if device.type == "cuda" else "fp32"
+    setting = dict(family=family, size=size, frames=frames, side=side, prompt_tokens=plen, prompts=prompts_per_step,
+                   group=group, rows=rows, new_tokens=new_tokens, weights=weights, gpus=world,
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                    cascade=engine.uses_cascade(model, group), checkpointing=checkpointing)
     print(json.dumps(setting))

@@ -1,7 +1,7 @@
 """The model families autobuster knows, one object each, read from a checkpoint's config.json: what loading and the
-engine ask of a family. Qwen2.5-VL runs end to end. Qwen3.5 (the 2026 BusterX++ weights) decodes in the engine, but
-its checkpoints are refused until the update handles its linear-attention layers (a recurrent state leaking from
-one packed completion into the next would train silently wrong)."""
+engine ask of a family. Qwen2.5-VL runs end to end. Qwen3.5 (the 2026 BusterX++ weights) decodes and updates in the
+engine (and `autobuster bench --family qwen3.5` measures it), but its checkpoints are refused until its own answer
+format and video input are in: scored in the 2025 format, l8cv/BusterX-plusplus would look broken."""
 from dataclasses import dataclass
 
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3_5ForConditionalGeneration

@@ -1,5 +1,6 @@
-"""Loading the policy: a checkpoint of a supported family (families.py), a directory or hub id (from the Hugging Face cache), bf16 or 4-bit NF4, an
-optional peft adapter; and turning clips into model inputs (one video per clip, 4 fps metadata)."""
+"""Loading the policy: a checkpoint of a family that runs (families.py), a directory or hub id (from the Hugging Face
+cache), bf16 or 4-bit NF4, an optional peft adapter; and turning clips into model inputs (one video per clip, 4 fps
+metadata)."""
 import logging
 
 import numpy as np
@@ -89,5 +90,6 @@ def encode(processor, clips: list[np.ndarray], pixel_cap: int, text: str | list[
     return processor(text=texts, videos=list(clips), padding=True, padding_side="left",
                      video_metadata=[{"fps": SAMPLE_FPS, "total_num_frames": FRAMES,
                                      "frames_indices": list(range(FRAMES))}] * len(clips),  # Qwen3.5: timestamps
-                     do_sample_frames=False, cap_pixels_per_frame=False, size={"shortest_edge": MIN_PIXELS, "longest_edge": pixel_cap},
+                     do_sample_frames=False, cap_pixels_per_frame=False,
+                     size={"shortest_edge": MIN_PIXELS, "longest_edge": pixel_cap},
                      return_tensors="pt")

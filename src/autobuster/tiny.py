@@ -1,7 +1,8 @@
 """The tiny models: a Qwen2.5-VL (saved by prepare.py as the tiny profile's base model) and a Qwen3.5 (built in tests
 while the family is not run end to end), at their real patch / merge / temporal settings and layer patterns with
 tiny widths, a locally trained byte-level BPE tokenizer with Qwen's special tokens and chat template, and the
-standard processors. Saved as an ordinary Hugging Face model directory, so every loader treats it like a real checkpoint."""
+standard processors. Saved as an ordinary Hugging Face model directory, so every loader treats it like a real
+checkpoint."""
 import json
 from pathlib import Path
 
