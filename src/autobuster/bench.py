@@ -334,10 +334,6 @@ def with_lora(model):
     return lora
 
 
-def _aligned(n: int) -> int:
-    return -(-n // engine.ALIGN) * engine.ALIGN
-
-
 def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_tokens=512, four_bit=False,
           plain=True, micro_tokens=16384, plain_micro_rows=8, check=False, out=None, eval_clips=64,
           eval_batch=PROFILES["genbuster"].eval_batch, eval_new_tokens=PROFILES["genbuster"].eval_max_new_tokens,
@@ -409,11 +405,13 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
     tied = model.config.tie_word_embeddings
     read = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                if "visual" not in n and "lora_" not in n and (tied or "embed_tokens" not in n))
+    chunks, piece, room = engine.cascade_layout(prompts_per_step, plen, text.num_key_value_heads, new_tokens + 2,
+                                                device)
     kv_tokens = {  # KV one decode step reads, at the mean completion length
         "old": rows * (plen + new_tokens / 2),  # every row its own copy of its prompt (the floor printed first)
         "shared": prompts_per_step * plen + rows * new_tokens / 2,  # each prompt's KV once per group (cascade)
         # what the engine's decode reads: its whole static cache, each prompt once if it shares them (cascade)
-        "path": (prompts_per_step * _aligned(plen) + rows * _aligned(new_tokens + 2)) if setting["cascade"]
+        "path": (prompts_per_step * chunks * piece + rows * room) if setting["cascade"]
         else rows * (plen + new_tokens + 2),
     }
     floor = dict(copy_tb_per_s=bw / 1e12, weights_read_gb=read / 1e9, states_gb=rows * state_per_row / 1e9)

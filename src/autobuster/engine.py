@@ -138,7 +138,8 @@ class _StaticCache:
             if hasattr(layer, "recurrent_states"):  # a linear-attention layer: its state is all it keeps
                 self.states[i] = [x[0].repeat_interleave(num_samples, 0)
                                   for x in (layer.conv_states, layer.recurrent_states)]
-                self.keys.append(None), self.values.append(None)
+                self.keys.append(None)
+                self.values.append(None)
                 continue
             for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
                 b, h, p, d = src.shape
@@ -190,13 +191,8 @@ class _CascadeCache(_StaticCache):
         self.merge = _compiled(_merge) if attention.device.type == "cuda" else _merge  # one kernel, not ten
         prompts, plen = attention.shape
         kv = prefill.layers[0].keys.shape[1]
-        if chunks is None:
-            sms = torch.cuda.get_device_properties(attention.device).multi_processor_count \
-                if attention.device.type == "cuda" else 1
-            chunks = max(1, min(plen // 256, -(-2 * sms // (prompts * kv))))
+        chunks, piece, room = cascade_layout(prompts, plen, kv, room, attention.device, chunks)
         self.prompts, self.chunks = prompts, chunks
-        piece = -(-plen // chunks // ALIGN) * ALIGN  # the memory-efficient kernel wants the bias rows 16-aligned
-        room = -(-room // ALIGN) * ALIGN
 
         def pieces(x):  # [prompts, kv heads, plen, dim] -> [prompts x chunks, kv heads, piece, dim]
             x = F.pad(x, (0, 0, 0, chunks * piece - plen))
@@ -225,7 +221,19 @@ class _CascadeCache(_StaticCache):
         return (self.prompt_keys[layer_idx], keys), (self.prompt_values[layer_idx], values)
 
 
-ALIGN = 16
+ALIGN = 16  # the memory-efficient kernel wants the bias rows 16-aligned
+
+
+def cascade_layout(prompts: int, plen: int, kv: int, room: int, device, chunks: int | None = None):
+    """(chunks, piece, room) of a `_CascadeCache`: each prompt in `chunks` pieces of `piece` tokens, each row's own
+    buffer `room` tokens, both 16-aligned; chunks enough for two blocks per SM on a GPU."""
+    def aligned(n):
+        return -(-n // ALIGN) * ALIGN
+
+    if chunks is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        chunks = max(1, min(plen // 256, -(-2 * sms // (prompts * kv))))
+    return chunks, aligned(-(-plen // chunks)), aligned(room)
 
 
 def _cascade_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
