@@ -7,6 +7,7 @@
 Writes metrics.json, predictions.jsonl and confusion.png to --out; the headline line starts with `f1:`."""
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from autobuster.cli import guarded
@@ -15,6 +16,7 @@ from autobuster.cli import guarded
 def main(a):
     from autobuster import dataset, evaluation
     from autobuster.errors import UserError
+    from autobuster.families import family_of_model
     from autobuster.model import load
     from autobuster.profiles import active
     setup = active()
@@ -29,6 +31,8 @@ def main(a):
     else:
         dataset.eval_clips(setup, a.split, a.limit)  # an unknown split or a missing pinned set: one line, now
     model, processor = load(a.model or setup.model, a.adapter, four_bit=a.four_bit)
+    # another family's --model is scored in its own format, on frames sized for it (the same prepared clips)
+    setup = replace(setup, family=family_of_model(model).name)
     if a.path:
         return evaluation.evaluate_videos(model, processor, setup, paths, a.mode)
     t0 = time.time()

@@ -1,4 +1,4 @@
-"""One DAPO experiment: LoRA on Qwen2.5-VL, rewarded for telling real video from generated video.
+"""One DAPO experiment: LoRA on a Qwen2.5-VL or Qwen3.5 model, rewarded for telling real video from generated video.
 
 This is the file the agent edits. Everything that defines the score (data, frames, prompt, evaluation) is
 fixed and lives in prepare.py / evaluate.py / src/autobuster; everything about training is here, top to
@@ -24,14 +24,15 @@ from autobuster import dataset, distributed, engine, evaluation
 from autobuster.cli import guarded
 from autobuster.model import chat_text, encode, load, lora_targets
 from autobuster.profiles import active
-from autobuster.prompt import MODES, PROMPT, is_well_formed, parse_answer, thinks
+from autobuster.prompt import MODES, thinks
 
 SETUP = guarded(active)  # the profile prepare.py recorded: data, base model, time budget
 TINY = SETUP.profile == "tiny"  # the tiny CPU model needs far larger steps than LoRA on a 7B model
 TIME_BUDGET = SETUP.time_budget  # seconds of rollouts + updates, fixed per profile (not an experiment knob)
+FORMAT = SETUP.model_family.format  # the prompt and reply format the fixed evaluation scores (prompt.py)
 
 # ---------------------------------------------------------------- constants (edit these)
-BASE_MODEL = SETUP.model  # any local Qwen2.5-VL directory or hub id (e.g. BusterX++ weights)
+BASE_MODEL = SETUP.model  # the prepared base model (a Qwen2.5-VL or Qwen3.5 directory or hub id, e.g. BusterX++)
 FOUR_BIT = False  # QLoRA: NF4 base weights, bf16 LoRA
 LORA_RANK = 16
 LORA_ALPHA = 32
@@ -94,12 +95,13 @@ THINKING_SCORER = ""
 
 
 def format_reward(reply: str, mode: str | None = None) -> float:
-    """0 for exactly <think>...</think><answer>A|B</answer> (<answer>A|B</answer> in no_think mode), -1 otherwise."""
-    return 0.0 if is_well_formed(reply, mode) else -1.0
+    """0 for a well-formed reply in FORMAT (2025: exactly <think>...</think><answer>A|B</answer>; 2026: the thought,
+    </think>, then 50+ characters ending in \\boxed{A|B}; the answer alone in no_think mode), -1 otherwise."""
+    return 0.0 if FORMAT.well_formed(reply, mode) else -1.0
 
 
 def accuracy_reward(reply: str, label: str) -> float:
-    return 1.0 if parse_answer(reply) == label else 0.0
+    return 1.0 if FORMAT.parse(reply) == label else 0.0
 
 
 def overlong_reward(length: int, max_len: int = MAX_NEW_TOKENS, window: int = OVERLONG_WINDOW) -> float:
@@ -132,7 +134,7 @@ class RewardModelScorer:
         self.model, self.processor = load(path)
 
     def __call__(self, reply: str, frames) -> float:
-        text = chat_text(self.processor, prompt=self.ASK.format(question=PROMPT, reply=reply))
+        text = chat_text(self.processor, FORMAT, prompt=self.ASK.format(question=FORMAT.prompt, reply=reply))
         done = engine.generate(self.model, self.processor, encode(self.processor, [frames], SETUP.settings.pixel_cap,
                                                                   text), greedy=True, max_new_tokens=8)
         number = re.search(r"\d+(?:\.\d+)?", done.texts[0])
@@ -216,7 +218,7 @@ def rollout(model, processor, clips, stats, errors, mixed=False, scorer=None):
         modes = [MODES[torch.randint(len(MODES), ()).item()] if mixed else None for _ in drawn]
         t0 = time.time()
         prompts = encode(processor, [f for _, f in drawn], SETUP.settings.pixel_cap,
-                         [chat_text(processor, m) for m in modes])
+                         [chat_text(processor, FORMAT, m) for m in modes])
         done = engine.generate(model, processor, prompts, num_samples=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS,
                                temperature=TEMPERATURE)
         stats["rollout_seconds"] += time.time() - t0
@@ -253,7 +255,7 @@ def collate(processor, groups):
     if not groups:  # a rank whose dynamic sampling found nothing: no rows, but it still joins the all-reduces
         return {}, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1), torch.zeros(0), torch.zeros(0).long()
     prompts = encode(processor, [g["frames"] for g in groups], SETUP.settings.pixel_cap,
-                     [chat_text(processor, g["mode"]) for g in groups])
+                     [chat_text(processor, FORMAT, g["mode"]) for g in groups])
     width = max(g["ids"].shape[1] for g in groups)
     pad = processor.tokenizer.pad_token_id
     ids = torch.cat([torch.nn.functional.pad(g["ids"], (0, width - g["ids"].shape[1]), value=pad) for g in groups])
@@ -332,7 +334,7 @@ def fusion_pairs(replies: list[str], label: str) -> list[tuple[str, str]]:
     for reply in replies:
         if accuracy_reward(reply, label) and format_reward(reply) == 0:
             reply = reply.strip()
-            return [("think", reply), ("no_think", reply[reply.rindex("<answer>"):])]
+            return [("think", reply), ("no_think", reply[reply.rindex(FORMAT.anchor):])]
     return []
 
 
@@ -347,7 +349,8 @@ def fuse(model, processor, clips) -> dict:
     pairs = []
     for _ in range(math.ceil(FUSION_CLIPS / PROMPTS_PER_STEP)):
         drawn = clips.batch(PROMPTS_PER_STEP)
-        done = engine.generate(model, processor, encode(processor, [f for _, f in drawn], cap),
+        done = engine.generate(model, processor, encode(processor, [f for _, f in drawn], cap,
+                                                        chat_text(processor, FORMAT)),
                                num_samples=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE)
         for i, (row, frames) in enumerate(drawn):
             replies = done.texts[i * GROUP_SIZE:(i + 1) * GROUP_SIZE]
@@ -358,7 +361,7 @@ def fuse(model, processor, clips) -> dict:
     device, losses = next(model.parameters()).device, []
     for batch in torch.randperm(len(pairs)).split(FUSION_BATCH):
         frames, modes, targets = zip(*[pairs[j] for j in batch.tolist()])
-        prompts = encode(processor, list(frames), cap, [chat_text(processor, m) for m in modes])
+        prompts = encode(processor, list(frames), cap, [chat_text(processor, FORMAT, m) for m in modes])
         ids, mask = (x.to(device) for x in engine.reply_ids(tok, list(targets)))
         # mean per reply: the short /no_think targets weigh as much as the long /think ones
         logp = engine.token_logprobs(model, prompts, ids, checkpointing=GRADIENT_CHECKPOINTING)
@@ -372,12 +375,12 @@ def fuse(model, processor, clips) -> dict:
     model.eval()
     drawn = clips.batch(FUSION_CHECK)
     done = engine.generate(model, processor, encode(processor, [f for _, f in drawn], cap,
-                                                    [chat_text(processor, "no_think")] * len(drawn)),
+                                                    chat_text(processor, FORMAT, "no_think")),
                            greedy=True, max_new_tokens=MAX_NEW_TOKENS)
     model.train()
     return dict(stage=2, pairs=len(pairs), loss_first=losses[0], loss_last=losses[-1],
                 no_think_obeyed=sum(not thinks(t) for t in done.texts) / len(drawn),
-                no_think_well_formed=sum(is_well_formed(t, "no_think") for t in done.texts) / len(drawn))
+                no_think_well_formed=sum(FORMAT.well_formed(t, "no_think") for t in done.texts) / len(drawn))
 
 
 # ---------------------------------------------------------------- main
@@ -404,8 +407,9 @@ def main():
     model = get_peft_model(model, lora)
     trainable = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast(trainable)  # rank 0's LoRA init on every rank
-    print(f"base {BASE_MODEL}  trainable {sum(p.numel() for p in trainable):,} params  budget {TIME_BUDGET}s  "
-          f"ranks {world}")
+    kernels = engine.linear_attention_kernels(model)
+    print(f"base {BASE_MODEL}  {SETUP.family} ({FORMAT.name} format{', ' + kernels if kernels else ''})  "
+          f"trainable {sum(p.numel() for p in trainable):,} params  budget {TIME_BUDGET}s  ranks {world}")
     vision = {id(p) for n, p in model.named_parameters() if p.requires_grad and ".visual." in n}
     param_groups = [dict(params=[p for p in trainable if id(p) not in vision], peak=LEARNING_RATE),
                     dict(params=[p for p in trainable if id(p) in vision], peak=VISION_LEARNING_RATE)]

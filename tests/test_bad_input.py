@@ -109,9 +109,9 @@ def test_cli_prints_one_line_not_a_traceback(args, message, tmp_path):
 
 
 @pytest.mark.parametrize("model_type,message", [
-    ("qwen3_5", "is a Qwen3.5 (l8cv/BusterX-plusplus, the 2026 BusterX++ weights, is one) checkpoint: autobuster "
-                "runs Qwen2.5-VL models (for BusterX++ on Qwen2.5-VL-7B use l8cv/BusterX_plusplus"),
-    ("llama", "is a model_type 'llama' checkpoint: autobuster runs Qwen2.5-VL models"),
+    ("qwen3_vl", "is a Qwen3-VL checkpoint: autobuster runs Qwen2.5-VL and Qwen3.5 models (BusterX++: "
+                 "l8cv/BusterX_plusplus on Qwen2.5-VL-7B, l8cv/BusterX-plusplus on Qwen3.5-4B)"),
+    ("llama", "is a model_type 'llama' checkpoint: autobuster runs Qwen2.5-VL and Qwen3.5 models"),
 ])
 def test_a_checkpoint_of_another_family_gets_one_line(model_type, message, tmp_path):
     """Prepare stops before fetching anything, and loading refuses it, with the family and what to use instead."""
@@ -124,7 +124,7 @@ def test_a_checkpoint_of_another_family_gets_one_line(model_type, message, tmp_p
     assert r.returncode == 2 and "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {ckpt} {message}")
-    with pytest.raises(UserError, match="autobuster runs Qwen2.5-VL models"):
+    with pytest.raises(UserError, match="autobuster runs Qwen2.5-VL and Qwen3.5 models"):
         model.load(str(ckpt))
 
 

@@ -139,7 +139,7 @@ def scripted_policy(td, monkeypatch, fake_mixed_from_call):
 
     monkeypatch.setattr(td.engine, "generate", generate)
     monkeypatch.setattr(td, "encode", lambda processor, frames, cap, texts: list(frames))
-    monkeypatch.setattr(td, "chat_text", lambda processor, mode=None: "")
+    monkeypatch.setattr(td, "chat_text", lambda processor, fmt, mode=None: "")
 
 
 def test_dynamic_sampling_balances_the_kept_groups_by_label(td, monkeypatch):

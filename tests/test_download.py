@@ -143,7 +143,7 @@ def test_todays_hub_layout_prepares_train_and_three_pinned_sets(archives, home, 
         spec, rows = pinned(setup, name)
         assert spec["split"] == split and set(rows.split) == {split} and len(rows) == size
         assert (rows.label == "real").sum() == (rows.label == "fake").sum()
-        assert np.load(dataset.frame_file(setup, spec["ids"][0])).shape[0] == 16  # cached at prepare
+        assert np.load(dataset.frame_file(setup, rows.reset_index().iloc[0])).shape[0] == 16  # cached at prepare
     assert dict(pinned(setup, "val")[1].generator.value_counts()) == {
         "real": 6, "cogvideox": 2, "easyanimate": 2, "hunyuanvideo": 1, "ltxvideo": 1}
     out = capsys.readouterr().out

@@ -7,6 +7,7 @@ import torch
 
 from autobuster import dataset, engine, model, tiny
 from autobuster.profiles import active
+from autobuster.prompt import ANSWER, BOXED
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def clips(n, seed=0):
 def test_greedy_matches_hf_generate(policy):
     m, p = policy
     for n, new in ((1, 8), (3, 24), (5, 40)):
-        batch = model.encode(p, clips(n, seed=n), 56 * 56)
+        batch = model.encode(p, clips(n, seed=n), 56 * 56, model.chat_text(p, ANSWER))
         ours = engine.generate(m, p, batch, greedy=True, max_new_tokens=new)
         ref = m.generate(**batch, do_sample=False, max_new_tokens=new, eos_token_id=engine.end_ids(p.tokenizer),
                          pad_token_id=p.tokenizer.pad_token_id, suppress_tokens=engine.banned_ids(p.tokenizer))
@@ -48,7 +49,7 @@ def test_cascade_greedy_matches_hf_generate(policy, monkeypatch):
     """Shared-prompt decode, G rows per prompt, against Hugging Face generate on each prompt alone: prompts of
     different lengths (left padding), groups that end at different steps."""
     m, p = policy
-    pool, texts = clips(8, seed=4), [model.chat_text(p, "no_think"), model.chat_text(p)]
+    pool, texts = clips(8, seed=4), [model.chat_text(p, ANSWER, "no_think"), model.chat_text(p, ANSWER)]
     # a clip answered A with the first text and one answered B with the second, whatever this warm start learnt:
     # with ">A" as an end token their rows end at different steps
     a, b = (next(i for i, t in enumerate(engine.generate(m, p, model.encode(p, pool, 56 * 56, text), greedy=True,
@@ -78,7 +79,8 @@ def test_qwen3_5_greedy_matches_hf_generate(policy, monkeypatch):
     m = tiny.build_qwen3_5(tok).eval()
     p = tiny.build_qwen3_5_processor(tok, 64 * 64)
     batch = model.encode(p, clips(3, seed=4), 64 * 64,
-                         [model.chat_text(p, "no_think"), model.chat_text(p), model.chat_text(p, "no_think")])
+                         [model.chat_text(p, BOXED, "no_think"), model.chat_text(p, BOXED),
+                          model.chat_text(p, BOXED, "no_think")])
     assert batch["attention_mask"].min() == 0 and not engine.uses_cascade(m, 2)  # linear layers: expanded states
     ends = engine.end_ids(tok)
     kw = dict(do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id,
@@ -103,7 +105,8 @@ def test_cascade_sampling_equals_the_expanded_cache(policy):
     """Same seed, same draws: the shared-prompt cache and the per-row copy give the same tokens and the same
     logits of the tracked tokens at every step."""
     m, p = policy
-    batch = model.encode(p, clips(2, seed=5), 56 * 56, [model.chat_text(p, "no_think"), model.chat_text(p)])
+    batch = model.encode(p, clips(2, seed=5), 56 * 56,
+                         [model.chat_text(p, ANSWER, "no_think"), model.chat_text(p, ANSWER)])
     tok = p.tokenizer
     out = []
     for cascade in (True, False):
@@ -170,7 +173,8 @@ def test_token_logprobs_match_a_full_forward(policy):
     """Values and gradients against Hugging Face's forward over each prompt + completion row on its own; the two
     prompts differ in length (left padding), and the engine packs each prompt's completions behind it."""
     m, p = policy
-    batch = model.encode(p, clips(2), 56 * 56, [model.chat_text(p, "no_think"), model.chat_text(p)])
+    batch = model.encode(p, clips(2), 56 * 56,
+                         [model.chat_text(p, ANSWER, "no_think"), model.chat_text(p, ANSWER)])
     assert batch["attention_mask"].min() == 0  # the shorter prompt is padded
     done = engine.generate(m, p, batch, num_samples=3, max_new_tokens=12)
     weight = torch.randn(done.ids.shape, generator=torch.Generator().manual_seed(0))
@@ -205,17 +209,18 @@ def test_packed_update_matches_per_row_forward_with_lora(policy, monkeypatch, fa
     prompt's, not from the completion packed before it."""
     from peft import LoraConfig, get_peft_model
     m, p = policy
-    side, targets = 56, "(q|k|v|o)_proj"
+    side, targets, fmt = 56, "(q|k|v|o)_proj", ANSWER
     if family == "qwen3.5":
         m, p = tiny.build_qwen3_5(p.tokenizer), tiny.build_qwen3_5_processor(p.tokenizer, 64 * 64)
-        side, targets = 64, "(q_proj|k_proj|v_proj|o_proj|in_proj_qkv|in_proj_z|out_proj)"
+        side, targets, fmt = 64, "(q_proj|k_proj|v_proj|o_proj|in_proj_qkv|in_proj_z|out_proj)", BOXED
     torch.manual_seed(1)
     lora = get_peft_model(copy.deepcopy(m), LoraConfig(r=4, target_modules=rf".*language_model.*{targets}"))
     for name, w in lora.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(w, std=0.1)
     lora.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    batch = model.encode(p, clips(2, seed=9), side * side, [model.chat_text(p), model.chat_text(p, "no_think")])
+    batch = model.encode(p, clips(2, seed=9), side * side,
+                         [model.chat_text(p, fmt), model.chat_text(p, fmt, "no_think")])
     assert batch["attention_mask"].min() == 0
     prompt_of_row = torch.tensor([0, 0, 0, 1])
     ids = engine.generate(lora.eval(), p, batch, num_samples=3, max_new_tokens=10).ids[:4]
@@ -263,7 +268,7 @@ def test_micro_batches_keep_to_the_packed_token_budget():
 def test_sampling_follows_the_softmax(policy):
     """Empirical first-token frequencies of 4,000 samples against softmax(logits / T) of a plain forward."""
     m, p = policy
-    batch = model.encode(p, clips(1), 56 * 56)
+    batch = model.encode(p, clips(1), 56 * 56, model.chat_text(p, ANSWER))
     n, temperature = 4000, 1.7
     done = engine.generate(m, p, batch, num_samples=n, max_new_tokens=1, temperature=temperature)
     with torch.no_grad():
@@ -286,7 +291,7 @@ def test_rollouts_see_the_lora_weights_and_leave_the_base_intact(policy):
         if "lora_B" in name:
             torch.nn.init.normal_(w, std=0.5)  # peft starts B at zero: make the adapter change the outputs
     before = {k: v.clone() for k, v in peft_model.state_dict().items()}
-    batch = model.encode(p, clips(3, seed=7), 56 * 56)
+    batch = model.encode(p, clips(3, seed=7), 56 * 56, model.chat_text(p, ANSWER))
     ours = engine.generate(peft_model, p, batch, greedy=True, max_new_tokens=16)
     ref = peft_model.generate(**batch, do_sample=False, max_new_tokens=16, eos_token_id=engine.end_ids(p.tokenizer),
                               pad_token_id=p.tokenizer.pad_token_id, suppress_tokens=engine.banned_ids(p.tokenizer))
@@ -304,7 +309,7 @@ def test_rollouts_see_the_lora_weights_and_leave_the_base_intact(policy):
 def test_sampling_ignores_shipped_top_k_and_never_samples_special_tokens(policy):
     m, p = policy
     m.generation_config.top_k = 1  # as Qwen2.5-VL ships it: would make all G samples identical
-    batch = model.encode(p, clips(1), 56 * 56)
+    batch = model.encode(p, clips(1), 56 * 56, model.chat_text(p, ANSWER))
     # the warm start writes one fixed thought, so samples differ mostly in the letter (P(A) ~0.6): with 8 of them
     # all 8 agree ~2 % of the time; with 32, never in practice
     done = engine.generate(m, p, batch, num_samples=32, max_new_tokens=32)
@@ -323,7 +328,7 @@ def test_completion_mask_includes_the_first_end_token():
 
 def test_video_goes_in_at_4_fps(policy):
     m, p = policy
-    batch = model.encode(p, clips(1), 56 * 56)
+    batch = model.encode(p, clips(1), 56 * 56, model.chat_text(p, ANSWER))
     assert batch["second_per_grid_ts"].tolist() == [0.5]
     pos, _ = m.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"],
                                     video_grid_thw=batch["video_grid_thw"],
@@ -341,7 +346,8 @@ def test_four_bit_load_keeps_vision_and_lm_head_unquantised(tiny_home):
     assert isinstance(lm, bnb.nn.Linear4bit)
     assert not any(isinstance(x, bnb.nn.Linear4bit) for x in m.model.visual.modules())
     assert not isinstance(m.lm_head, bnb.nn.Linear4bit)
-    done = engine.generate(m, p, model.encode(p, clips(1), 56 * 56), greedy=True, max_new_tokens=8)
+    done = engine.generate(m, p, model.encode(p, clips(1), 56 * 56, model.chat_text(p, ANSWER)), greedy=True,
+                           max_new_tokens=8)
     assert done.ids.shape[0] == 1
 
 

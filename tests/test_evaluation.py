@@ -82,6 +82,6 @@ def test_p_fake_is_the_softmax_of_the_letter_logits():
     ids = [8, 0, 1, 3, 4, 1, 5]  # x<answer>B</answer>
     tracked = np.zeros((len(ids), len(track)), np.float32)
     tracked[3, column[2]], tracked[3, column[3]] = 0.5, 2.0
-    p = evaluation.answer_p_fake(tok, ids, tracked, pairs, column)
+    p = evaluation.answer_p_fake(tok, ids, tracked, pairs, column, "<answer>")
     assert p == pytest.approx(np.exp(2.0) / (np.exp(0.5) + np.exp(2.0)), abs=1e-6)
-    assert evaluation.answer_p_fake(tok, [8, 8], tracked, pairs, column) == 0.5
+    assert evaluation.answer_p_fake(tok, [8, 8], tracked, pairs, column, "<answer>") == 0.5

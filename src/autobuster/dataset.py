@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from .errors import UserError
 from .profiles import FRAMES, SAMPLE_FPS, Setup
-from .video import BadVideo, decode_clip, probe, sample_indices
+from .video import BadVideo, decode_clip, probe, sample_indices, smart_resize
 
 SPLITS = ("train", "test", "benchmark", "id", "ood", "wild")  # 2025 release: train/test/benchmark; Bench: id/ood/wild
 # pinned set -> the splits it may be drawn from, the first one present: val from Bench `id` (or the 2025 test split),
@@ -187,24 +187,31 @@ def report_skipped(df: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- frame cache
 
 
-def frame_file(setup: Setup, clip_id: str) -> Path:
-    return setup.frames / f"{clip_id}.npy"
+def frame_file(setup: Setup, row) -> Path:
+    """A clip's cached frames, keyed by the size the family's resize gives them: where two families' sizes agree
+    (448² cap: square clips), they share the file."""
+    h, w = smart_resize(int(row["height"]), int(row["width"]), setup.settings.pixel_cap, setup.model_family.factor)
+    return setup.path("frames", f"{h}x{w}", f"{row['id']}.npy")
+
+
+def decode(setup: Setup, row) -> np.ndarray:
+    return decode_clip(setup.videos / row["path"], setup.settings.pixel_cap, setup.model_family.factor)
 
 
 def load_frames(setup: Setup, row) -> np.ndarray:
     """Cached frames when present, else decoded now (the same decoder and resize as the cache)."""
-    f = frame_file(setup, row["id"])
+    f = frame_file(setup, row)
     if f.exists():
         return np.load(f)
-    return decode_clip(setup.videos / row["path"], setup.settings.pixel_cap)
+    return decode(setup, row)
 
 
 def _cache_one(setup: Setup, row) -> str:
-    f = frame_file(setup, row["id"])
+    f = frame_file(setup, row)
     if f.exists():
         return "ok"
     try:
-        frames = decode_clip(setup.videos / row["path"], setup.settings.pixel_cap)
+        frames = decode(setup, row)
     except BadVideo as e:
         return str(e)
     f.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +260,9 @@ def make_eval_set(setup: Setup, df: pd.DataFrame, name: str, n: int, taken=froze
     of fake clips only takes its real half from val's split, as the Bench's ACC_g pairs tracks with `id`'s reals."""
     path = setup.eval_set(name)
     if path.exists():
-        return json.loads(path.read_text())
+        spec = json.loads(path.read_text())
+        cache_frames(setup, df, spec["ids"], f"{name} frames")  # another family's frame sizes: decoded once here
+        return spec
     split = eval_split(df, name)
     if split is None:
         return None
@@ -306,7 +315,15 @@ def read_eval_set(setup: Setup, name: str) -> dict:
     if not setup.eval_set(name).exists():
         raise UserError(f"this dataset has no pinned {name} set (it is drawn from a {' or '.join(EVAL_SETS[name])} "
                         "split): run `uv run prepare.py` on a dataset that has one")
-    return json.loads(setup.eval_set(name).read_text())
+    spec = json.loads(setup.eval_set(name).read_text())
+    return {**spec, "fingerprint": scored_in(setup, spec["fingerprint"])}
+
+
+def scored_in(setup: Setup, fingerprint: str) -> str:
+    """A set's fingerprint as scored in the setup's format: families that share the prepared clips never compare.
+    The 2025 format keeps the bare one, which every set was scored in before formats were recorded."""
+    fmt = setup.model_family.format.name
+    return fingerprint if fmt == "answer" else hashlib.sha256(f"{fingerprint} {fmt}".encode()).hexdigest()[:16]
 
 
 def eval_clips(setup: Setup, split: str, limit: int | None = None) -> tuple[pd.DataFrame, str]:
@@ -317,7 +334,7 @@ def eval_clips(setup: Setup, split: str, limit: int | None = None) -> tuple[pd.D
         rows, fp = df.set_index("id", drop=False).loc[spec["ids"]].reset_index(drop=True), spec["fingerprint"]
     elif split in set(df.split):
         rows = df[(df.split == split) & (df.status == "ok")].reset_index(drop=True)
-        fp = hashlib.sha256(",".join(rows.id).encode()).hexdigest()[:16]
+        fp = scored_in(setup, hashlib.sha256(",".join(rows.id).encode()).hexdigest()[:16])
     else:
         raise UserError(f"unknown split {split!r}: use {', '.join(EVAL_SETS)} or a split of this dataset "
                         f"({', '.join(s for s in SPLITS if s in set(df.split))})")

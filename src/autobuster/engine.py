@@ -7,6 +7,7 @@ ended. The G rows of a prompt share its KV cache (cascade attention) where the m
 Qwen3.5's linear-attention states are copied to its rows. The update's log-probs pack each prompt once with its
 completions, without a mask tensor. The model's own layers do the maths, so greedy outputs equal `generate` token
 for token and log-probs equal a plain forward (tests/test_engine.py)."""
+import importlib.util
 import sys
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -40,6 +41,15 @@ class Completions:
 def end_ids(tokenizer) -> list[int]:
     """Both Qwen end tokens: <|im_end|> and <|endoftext|>."""
     return sorted({tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")})
+
+
+def linear_attention_kernels(model) -> str:
+    """What transformers runs Gated DeltaNet layers with (it imports each package when installed, else falls back
+    to its slow torch code): the delta rule from fla, the short convolution from causal_conv1d. "" without them."""
+    if "linear_attention" not in (unwrap(model).config.get_text_config().layer_types or ()):
+        return ""
+    return ", ".join(f"{what} {pkg if importlib.util.find_spec(pkg) else 'torch'}"
+                     for what, pkg in (("delta rule", "fla"), ("conv", "causal_conv1d")))
 
 
 def banned_ids(tokenizer) -> list[int]:

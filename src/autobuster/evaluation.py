@@ -9,10 +9,9 @@ from tqdm import tqdm
 from . import engine, metrics
 from .errors import UserError
 from .model import chat_text, encode
-from .prompt import parse_answer, thinks
+from .prompt import Format, thinks
 
-ANSWER_TAG = "<answer>"
-NO_THINK_MAX_NEW_TOKENS = 16  # room for <answer>X</answer> and the end token; a reply that thinks is cut short
+NO_THINK_MAX_NEW_TOKENS = 16  # room for the answer alone and the end token; a reply that thinks is cut short
 
 
 def letter_pairs(tokenizer) -> dict[int, tuple[int, int]]:
@@ -27,34 +26,41 @@ def letter_pairs(tokenizer) -> dict[int, tuple[int, int]]:
     return pairs
 
 
-def answer_p_fake(tokenizer, ids: list[int], tracked: np.ndarray, pairs: dict, column: dict) -> float:
-    """P(fake) = softmax over (A, B) logits at the step that wrote the letter of the last <answer>; 0.5 if none."""
+def letter_index(tokenizer, ids: list[int], anchor: str) -> int | None:
+    """Index of the token that writes the first character after the last `anchor` (the answer letter), if any."""
     pieces = [tokenizer.decode([i]) for i in ids]
     text = "".join(pieces)
-    at = text.rfind(ANSWER_TAG)
+    at = text.rfind(anchor)
     if at < 0:
-        return 0.5
-    c = at + len(ANSWER_TAG)
+        return None
+    c = at + len(anchor)
     while c < len(text) and text[c].isspace():
         c += 1
     end = 0
     for k, piece in enumerate(pieces):
         end += len(piece)
         if end > c:
-            if ids[k] not in pairs:
-                return 0.5
-            a, b = pairs[ids[k]]
-            la, lb = tracked[k, column[a]], tracked[k, column[b]]
-            return float(1 / (1 + np.exp(la - lb)))
-    return 0.5
+            return k
+    return None
 
 
-def predict(model, processor, rows, frames_of, pixel_cap: int, batch: int, max_new_tokens: int,
+def answer_p_fake(tokenizer, ids: list[int], tracked: np.ndarray, pairs: dict, column: dict, anchor: str) -> float:
+    """P(fake) = softmax over (A, B) logits at the step that wrote the letter after the last `anchor` (the
+    format's: <answer> or \\boxed{); 0.5 if none."""
+    k = letter_index(tokenizer, ids, anchor)
+    if k is None or ids[k] not in pairs:
+        return 0.5
+    a, b = pairs[ids[k]]
+    la, lb = tracked[k, column[a]], tracked[k, column[b]]
+    return float(1 / (1 + np.exp(la - lb)))
+
+
+def predict(model, processor, rows, frames_of, pixel_cap: int, batch: int, max_new_tokens: int, fmt: Format,
             desc: str = "evaluating", mode: str | None = None) -> list[dict]:
-    """Greedy replies for `rows` (dicts with id, label, generator); `frames_of(row)` gives the frames; `mode` as in
-    prompt.prompt_for (default: the fixed prompt)."""
+    """Greedy replies for `rows` (dicts with id, label, generator) in the format `fmt`; `frames_of(row)` gives the
+    frames; `mode` as in Format.prompt_for (default: the fixed prompt)."""
     tok = processor.tokenizer
-    text = chat_text(processor, mode)
+    text = chat_text(processor, fmt, mode)
     pairs = letter_pairs(tok)
     track = sorted(pairs)
     column = {t: j for j, t in enumerate(track)}
@@ -66,8 +72,8 @@ def predict(model, processor, rows, frames_of, pixel_cap: int, batch: int, max_n
         for j, r in enumerate(chunk):
             ids = done.ids[j, :done.lengths[j]].tolist()
             out.append(dict(id=r["id"], label=r["label"], generator=r["generator"],
-                            prediction=parse_answer(done.texts[j]),
-                            p_fake=answer_p_fake(tok, ids, done.tracked[j].numpy(), pairs, column),
+                            prediction=fmt.parse(done.texts[j]),
+                            p_fake=answer_p_fake(tok, ids, done.tracked[j].numpy(), pairs, column, fmt.anchor),
                             response=done.texts[j], truncated=bool(done.truncated[j])))
     return out
 
@@ -133,7 +139,8 @@ def evaluate_model(model, processor, setup, split: str = "val", limit: int | Non
     rows, fingerprint = dataset.eval_clips(setup, split, limit)
     s = setup.settings
     preds = predict(model, processor, rows.to_dict("records"), lambda r: dataset.load_frames(setup, r),
-                    s.pixel_cap, s.eval_batch, max_new_tokens(setup, mode), desc=f"evaluating {split}", mode=mode)
+                    s.pixel_cap, s.eval_batch, max_new_tokens(setup, mode), setup.model_family.format,
+                    desc=f"evaluating {split}", mode=mode)
     m = score(preds)
     m.update(split=split, fingerprint=fingerprint, profile=setup.profile, mode=mode or "fixed")
     return m, preds
@@ -145,13 +152,14 @@ def evaluate_videos(model, processor, setup, paths: list[Path], mode: str | None
     skipped = 0
     for path in paths:
         try:
-            frames = decode_clip(path, setup.settings.pixel_cap)
+            frames = decode_clip(path, setup.settings.pixel_cap, setup.model_family.factor)
         except BadVideo as e:
             print(f"skipped {path}: {e}")
             skipped += 1
             continue
         p = predict(model, processor, [dict(id=str(path), label="", generator="")], lambda r: frames,
-                    setup.settings.pixel_cap, 1, max_new_tokens(setup, mode), desc=path.name, mode=mode)[0]
+                    setup.settings.pixel_cap, 1, max_new_tokens(setup, mode), setup.model_family.format,
+                    desc=path.name, mode=mode)[0]
         print(f"== {path}\n{p['response']}\nverdict: {p['prediction']}  p_fake: {p['p_fake']:.4f}")
     print(f"{len(paths) - skipped} videos scored, {skipped} skipped")
     if skipped == len(paths):

@@ -12,8 +12,9 @@ from transformers import AutoProcessor, BitsAndBytesConfig
 from .errors import UserError
 from .families import QWEN2_5_VL, Family, family_of
 from .hub import model_config, resolve_model
-from .profiles import FRAMES, MIN_PIXELS, SAMPLE_FPS
-from .prompt import messages, prompt_for
+from .profiles import FRAMES, SAMPLE_FPS
+from .prompt import Format, messages
+from .video import resize_frames
 
 MIN_TRANSFORMERS = "5.18"
 # bitsandbytes warns at import that the optional `kernels` package is missing; its built-in CPU path is used instead
@@ -77,19 +78,21 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def chat_text(processor, mode: str | None = None, prompt: str | None = None) -> str:
-    """The chat turn as text: the fixed prompt in `mode` (see prompt.prompt_for), or another `prompt`."""
-    return processor.apply_chat_template(messages(prompt or prompt_for(mode)), add_generation_prompt=True,
-                                         tokenize=False)
+def chat_text(processor, fmt: Format, mode: str | None = None, prompt: str | None = None) -> str:
+    """The chat turn as text: the format's fixed prompt in `mode` (see Format.prompt_for), or another `prompt`."""
+    return processor.apply_chat_template(messages(prompt or fmt.prompt_for(mode)), add_generation_prompt=True,
+                                         tokenize=False, **fmt.template_kwargs(mode))
 
 
-def encode(processor, clips: list[np.ndarray], pixel_cap: int, text: str | list[str] | None = None):
+def encode(processor, clips: list[np.ndarray], pixel_cap: int, text: str | list[str]):
     """A left-padded batch for clips of uint8 [16, H, W, 3] frames, each passed as ONE video at 4 fps; `text` is
-    the chat text for every clip or one per clip (default: the fixed prompt)."""
-    texts = text if isinstance(text, list) else [text or chat_text(processor)] * len(clips)
-    return processor(text=texts, videos=list(clips), padding=True, padding_side="left",
+    the chat text for every clip or one per clip. Frames are resized here, by the per-frame rule the frame cache
+    uses (a no-op on cached frames): Qwen3.5's processor would spread `pixel_cap` over all 16 frames."""
+    vp = processor.video_processor
+    factor = vp.patch_size * vp.merge_size
+    texts = text if isinstance(text, list) else [text] * len(clips)
+    return processor(text=texts, videos=[resize_frames(c, pixel_cap, factor) for c in clips], padding=True,
+                     padding_side="left", do_resize=False, do_sample_frames=False, cap_pixels_per_frame=False,
                      video_metadata=[{"fps": SAMPLE_FPS, "total_num_frames": FRAMES,
                                      "frames_indices": list(range(FRAMES))}] * len(clips),  # Qwen3.5: timestamps
-                     do_sample_frames=False, cap_pixels_per_frame=False,
-                     size={"shortest_edge": MIN_PIXELS, "longest_edge": pixel_cap},
                      return_tensors="pt")

@@ -8,7 +8,7 @@ from huggingface_hub import constants
 
 from . import dataset, hub, synthetic, tiny
 from .errors import UserError
-from .families import family_of
+from .families import QWEN2_5_VL, Family, family_named, family_of
 from .profiles import FRAMES, Setup, get_profile, home, save_active
 
 WARM_START_STEPS = 800  # ~2 minutes on 2 CPU cores
@@ -16,19 +16,21 @@ WARM_START_STEPS = 800  # ~2 minutes on 2 CPU cores
 
 def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, model: str | None = None,
             keep_archives: bool = False, train_revision: str | None = None,
-            bench_revision: str | None = None) -> Setup:
+            bench_revision: str | None = None, family: str | None = None) -> Setup:
     prof = get_profile(profile_name)
     t0 = time.time()
-    base = model or prof.model  # "" for the tiny model, which is built below
+    fam = family_named(family) if family else None
+    # the tiny profile builds its model below; a hub profile fetches the family's base model
+    base = model or ("" if prof.name == "tiny" else (fam or QWEN2_5_VL).default_model)
     required = ["val"]  # pinned sets this data must yield
     if dataset_dir:
         folder = Path(dataset_dir).expanduser().resolve()
         source = dataset.resolve_source(folder)
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name).strip("-") or "dataset"
         root = home() / f"custom-{slug}-{prof.name}"
-        fetch_model(base)
+        fam = fetch_model(base, family=fam)
     elif prof.name == "tiny":
-        fetch_model(base)  # before the synthetic clips: a wrong --model stops at once
+        fam = fetch_model(base, family=fam)  # before the synthetic clips: a wrong --model stops at once
         root = home() / "tiny"
         synthetic.build(root / "videos")
         source = root / "videos"
@@ -36,10 +38,11 @@ def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, mod
     else:
         root = home() / "genbuster"
         root.mkdir(parents=True, exist_ok=True)
-        source, required = fetch_genbuster(root, prof, base, keep_archives, train_revision or hub.TRAIN_REVISION,
-                                           bench_revision or hub.BENCH_REVISION)
+        source, required, fam = fetch_genbuster(root, prof, base, fam, keep_archives,
+                                                train_revision or hub.TRAIN_REVISION,
+                                                bench_revision or hub.BENCH_REVISION)
     root.mkdir(parents=True, exist_ok=True)
-    setup = Setup(prof.name, str(root), str(source), base or str(root / "model"))
+    setup = Setup(prof.name, str(root), str(source), base or str(root / f"model-{fam.name.lower()}"), fam.name)
 
     df = dataset.read_manifest(setup) if setup.manifest.exists() else dataset.build_manifest(source, setup)
     dataset.check_paths(df, setup)
@@ -63,10 +66,11 @@ def prepare(profile_name: str = "genbuster", dataset_dir: str | None = None, mod
         dataset.write_manifest(df, setup)
     print(dataset.report_skipped(df))
 
-    if prof.name == "tiny" and not model and not (root / "model" / "model.safetensors").exists():
+    if prof.name == "tiny" and not model and not Path(setup.model, "model.safetensors").exists():
         build_tiny_model(setup)
     save_active(setup)
-    print(f"prepared profile {prof.name} in {time.time() - t0:.0f}s: data {source}, model {setup.model}")
+    print(f"prepared profile {prof.name} in {time.time() - t0:.0f}s: data {source}, model {setup.model} "
+          f"({fam.name}, {fam.format.name} format)")
     return setup
 
 
@@ -86,21 +90,27 @@ def model_need(base: str) -> list[tuple[Path, int, str]]:
         raise hub.hub_error(f"the model {base}", f"https://huggingface.co/{base}", e) from None
 
 
-def fetch_model(base: str, needs=()) -> None:
+def fetch_model(base: str, needs=(), family: Family | None = None) -> Family:
     """Check the disk for the model and the rest of `needs` (the data's, from its plans), then fetch the base model
-    into the Hugging Face cache now, so that training and evaluation never need the network."""
-    if base:
-        family_of(hub.model_config(base), base)  # a family autobuster cannot run stops before any download
+    into the Hugging Face cache now, so that training and evaluation never need the network. Returns the model's
+    family (no model: `family`, the tiny model's, Qwen2.5-VL by default)."""
+    if not base:
+        hub.check_disk(needs)
+        return family or QWEN2_5_VL
+    found = family_of(hub.model_config(base), base)  # a family autobuster cannot run stops before any download
+    if family and found is not family:
+        raise UserError(f"{base} is a {found.name} checkpoint, not {family.name}: drop --family or give a "
+                        f"{family.name} model")
     hub.check_disk([*needs, *model_need(base)])
-    if base:
-        print(f"base model {base}: {hub.resolve_model(base)}")
+    print(f"base model {base}: {hub.resolve_model(base)}")
+    return found
 
 
-def fetch_genbuster(root: Path, prof, base: str, keep_archives: bool, train_revision: str,
-                    bench_revision: str) -> tuple[Path, list[str]]:
+def fetch_genbuster(root: Path, prof, base: str, family: Family | None, keep_archives: bool, train_revision: str,
+                    bench_revision: str) -> tuple[Path, list[str], Family]:
     """GenBuster-200K-mini (train) and GenBuster-Bench (id / ood / wild) at their pinned revisions, extracted under
     root/videos; the 2025 release of the mini (one 7z with train / test / benchmark) needs no Bench. Returns the
-    videos folder and the pinned sets this data must yield."""
+    videos folder, the pinned sets this data must yield and the base model's family."""
     videos = root / "videos"
     train = hub.plan(hub.Source(hub.TRAIN_REPO, train_revision), root)
     old = (any(a.endswith(".7z") for a in train.archives) if not train.done else
@@ -110,16 +120,17 @@ def fetch_genbuster(root: Path, prof, base: str, keep_archives: bool, train_revi
     needs = [(root, sum(p.bytes_to_fetch() for p in plans), "archives"),
              (root, sum(p.bytes_extracted() for p in plans), "extracted clips"),
              (root, n_eval * clip_bytes(prof), "frame cache")]
-    fetch_model(base, needs)  # the plans asked the hub for access first: a gated dataset has stopped already
+    # the plans asked the hub for access first: a gated dataset has stopped already
+    family = fetch_model(base, needs, family)
     for p in plans:
         hub.fetch(p, root, keep_archives)
-    return videos, ["val", "holdout"] if old else list(dataset.EVAL_SETS)
+    return videos, ["val", "holdout"] if old else list(dataset.EVAL_SETS), family
 
 
 def build_tiny_model(setup: Setup) -> None:
     out = Path(setup.model)
     tmp = out.with_name(out.name + ".tmp")
-    tiny.build(tmp, setup.settings.pixel_cap)
+    tiny.build(tmp, setup.settings.pixel_cap, setup.model_family)
     clips = dataset.TrainClips(setup, seed=0)
     try:
         tiny.warm_start(tmp, clips, WARM_START_STEPS)

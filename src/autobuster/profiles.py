@@ -21,8 +21,7 @@ def home() -> Path:
 @dataclass(frozen=True)
 class Profile:
     name: str
-    model: str  # base model: hub id or local directory ("" = the tiny model built by prepare)
-    pixel_cap: int  # max pixels per frame after smart resize (448² -> 2,048 video tokens for 16 frames)
+    pixel_cap: int  # max pixels per frame after smart resize (448² -> 2,048 Qwen2.5-VL video tokens for 16 frames)
     time_budget: int  # training seconds per experiment (rollouts + updates)
     val_size: int  # pinned val set, drawn from Bench `id` (or a test split)
     holdout_size: int  # pinned holdout set, drawn from Bench `ood` (or benchmark): unseen generators
@@ -34,9 +33,10 @@ class Profile:
 
 
 PROFILES = {
-    "genbuster": Profile("genbuster", "Qwen/Qwen2.5-VL-7B-Instruct", 448 * 448, 20 * 60, 400, 400, 400, 16, 1024,
+    "genbuster": Profile("genbuster", 448 * 448, 20 * 60, 400, 400, 400, 16, 1024,
                          cache_train=False, needs_cuda=True),
-    "tiny": Profile("tiny", "", 56 * 56, 300, 160, 120, 120, 64, 64, cache_train=True, needs_cuda=False),
+    # 64²: the synthetic 112² clips become 56² frames for patch 14 and 64² for patch 16, 4 tokens per frame pair
+    "tiny": Profile("tiny", 64 * 64, 300, 160, 120, 120, 64, 64, cache_train=True, needs_cuda=False),
 }
 
 
@@ -47,6 +47,12 @@ class Setup:
     root: str  # this dataset's directory under $AUTOBUSTER_HOME (manifest, eval sets, frame cache)
     source: str  # the folder holding the videos; manifest paths are relative to it
     model: str  # base model: a local directory or a hub id
+    family: str = "Qwen2.5-VL"  # the base model's family (families.py), which sets the format and the frame sizes
+
+    @property
+    def model_family(self):
+        from .families import family_named
+        return family_named(self.family)
 
     @property
     def settings(self) -> Profile:
@@ -63,13 +69,8 @@ class Setup:
     def videos(self) -> Path:
         return Path(self.source)
 
-    @property
-    def frames(self) -> Path:
-        return self.path("frames", str(self.settings.pixel_cap))
-
     def eval_set(self, name: str) -> Path:
         return self.path("eval", f"{name}.json")
-
 
     @property
     def time_budget(self) -> int:

@@ -1,7 +1,9 @@
-"""The fixed prompt, the chat messages around it, answer parsing and the format check."""
+"""The fixed prompt and answer format of each BusterX++ edition, the chat messages around it, answer parsing and the
+format check. A prepared setup scores every reply in its model family's format (families.py)."""
 import re
+from dataclasses import dataclass
 
-# The BusterX++ prompt, verbatim (A = real, B = fake).
+# The BusterX++ 2025 prompt (Qwen2.5-VL), verbatim (A = real, B = fake).
 PROMPT = (
     "Please analyze whether there are any inconsistencies or obvious signs of forgery in the video, "
     "and finally come to a conclusion: Is this video real or fake?\n\n"
@@ -14,29 +16,88 @@ PROMPT = (
     "A) real\n"
     "B) fake"
 )
-FORMAT_HINT = "<think>{reasoning}</think><answer>{A or B}</answer>"
-MODES = ("think", "no_think")  # BusterX++'s thinking-mode switches, written as /think or /no_think
+# The 2026 prompt (Qwen3.5; the authors' prompts/default_user_prompt.txt without its <video> line, which the chat
+# turn's video replaces). The file holds two backslashes before "boxed", and the authors never unescape it.
+PROMPT_2026 = (
+    "Please analyze whether there are any inconsistencies or obvious signs of forgery in the video, "
+    "and finally come to a conclusion: Is this video real or fake?\n\n"
+    "Then, just answer this MCQ with a single letter:\n"
+    "Q: Is this video real or fake?\n"
+    "Options:\n"
+    "A) real\n"
+    "B) fake\n\n"
+    "Put the final answer in \\\\boxed{...}"
+)
+MODES = ("think", "no_think")  # BusterX++'s thinking modes
 LABELS = ("real", "fake")  # index = label id; fake is the positive class
 LETTERS = ("A", "B")  # A) real, B) fake
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.S)
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _WORDS = {"a": "real", "real": "real", "a) real": "real", "b": "fake", "fake": "fake", "b) fake": "fake"}
-# The whole reply: one think block, then one answer block with a bare letter, nothing else.
-_FORMAT = re.compile(
-    r"\s*<think>((?:(?!</?think>|</?answer>).)+)</think>\s*<answer>([AB])</answer>\s*", re.S
-)
-_NO_THINK_FORMAT = re.compile(r"\s*<answer>([AB])</answer>\s*")
+_THINK_TAG = re.compile(r"</?think>")
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.S)
 
 
-def prompt_for(mode: str | None = None) -> str:
-    """The fixed prompt, or with a mode the prompt and its switch on a last line. No switch is the thinking mode the
-    fixed evaluation has always scored, so its numbers stay comparable with runs that never saw a switch."""
-    if mode is None:
-        return PROMPT
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-    return f"{PROMPT}\n/{mode}"
+@dataclass(frozen=True)
+class Format:
+    """One edition's prompt and reply format. `answer` finds the answers (the last one counts); `reply` and
+    `bare_reply` match a well-formed reply in think and no_think mode; `anchor` is the text written right before
+    the answer letter, where P(fake) is read."""
+    name: str
+    prompt: str
+    answer: re.Pattern
+    reply: re.Pattern
+    bare_reply: re.Pattern
+    anchor: str
+    switch_line: bool  # modes are a /think or /no_think line under the prompt (else the template's enable_thinking)
+    opened: str = ""  # what the chat template's assistant turn already wrote of the reply (Qwen3.5: "<think>\n")
+    min_conclusion: int = 0  # characters the reply must write after its think block
+
+    def prompt_for(self, mode: str | None = None) -> str:
+        """The fixed prompt, with the mode's switch line where this format has one. No mode is the thinking mode
+        the fixed evaluation has always scored, so its numbers stay comparable with runs that never saw a switch."""
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        return f"{self.prompt}\n/{mode}" if mode and self.switch_line else self.prompt
+
+    def template_kwargs(self, mode: str | None = None) -> dict:
+        """What the chat template needs for `mode`: Qwen3.5's closes the think block itself without thinking."""
+        return {} if self.switch_line else {"enable_thinking": mode != "no_think"}
+
+    def parse(self, reply: str) -> str:
+        """'real', 'fake' or 'unclear' from the last answer outside the think blocks (an answer only thought about
+        does not count; as the authors' parser, which sees the opened block too)."""
+        found = self.answer.findall(_THINK_BLOCK.sub("", self.opened + reply))
+        return _WORDS.get(found[-1].strip().strip(".").lower(), "unclear") if found else "unclear"
+
+    def well_formed(self, reply: str, mode: str | None = None) -> bool:
+        if mode == "no_think":
+            return self.bare_reply.fullmatch(reply) is not None
+        m = self.reply.fullmatch(reply)
+        return m is not None and len(m.group("conclusion").strip()) >= self.min_conclusion
+
+    def write(self, thought: str, letter: str, conclusion: str = "") -> str:
+        """A well-formed think-mode reply (the tiny models' warm start)."""
+        if self.switch_line:
+            return f"<think>{thought}</think><answer>{letter}</answer>"
+        return f"{thought}</think>\n\n{conclusion} \\boxed{{{letter}}}"
+
+
+# 2025, Qwen2.5-VL: <think>...</think><answer>A|B</answer>, nothing else (whitespace around the blocks allowed).
+ANSWER = Format(
+    "answer", PROMPT, answer=re.compile(r"<answer>(.*?)</answer>", re.S),
+    reply=re.compile(r"\s*<think>(?:(?!</?think>|</?answer>).)+</think>\s*<answer>[AB]</answer>(?P<conclusion>)\s*",
+                     re.S),
+    bare_reply=re.compile(r"\s*<answer>[AB]</answer>\s*"), anchor="<answer>", switch_line=True)
+# 2026, Qwen3.5: the template opens the think block (the reply starts inside it), so a reply is the thought,
+# </think>, a blank line, then at least 50 characters ending in \boxed{A|B} (the authors' format reward; they add
+# the opened <think> back before matching). Without thinking the template writes the empty think block.
+BOXED = Format(
+    "boxed", PROMPT_2026, answer=re.compile(r"\\boxed\{([^{}]*)\}"),
+    reply=re.compile(r"(?:(?!</?think>).)*</think>\n\n(?P<conclusion>\S(?:(?!</?think>).)*\\boxed\{[AB]\})\s*",
+                     re.S),
+    bare_reply=re.compile(r"\s*\\boxed\{[AB]\}\s*"), anchor="\\boxed{", switch_line=False, opened="<think>\n",
+    min_conclusion=50)
+FORMATS = {f.name: f for f in (ANSWER, BOXED)}
 
 
 def messages(prompt: str = PROMPT) -> list[dict]:
@@ -44,20 +105,6 @@ def messages(prompt: str = PROMPT) -> list[dict]:
     return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
 
 
-def parse_answer(reply: str) -> str:
-    """'real', 'fake' or 'unclear' from the last <answer> block (or the last \\boxed{}, the 2026 form)."""
-    found = _ANSWER.findall(reply) or _BOXED.findall(reply)
-    if not found:
-        return "unclear"
-    return _WORDS.get(found[-1].strip().strip(".").lower(), "unclear")
-
-
-def is_well_formed(reply: str, mode: str | None = None) -> bool:
-    """True for exactly <think>...</think><answer>A|B</answer>, or <answer>A|B</answer> alone in no_think mode
-    (whitespace around the blocks allowed)."""
-    return (_NO_THINK_FORMAT if mode == "no_think" else _FORMAT).fullmatch(reply) is not None
-
-
 def thinks(reply: str) -> bool:
-    """Whether the reply opens a think block (what the /no_think switch asks the model not to do)."""
-    return "<think>" in reply
+    """Whether the reply thinks: a think tag in it (with Qwen3.5's template, the reply closes the opened block)."""
+    return _THINK_TAG.search(reply) is not None

@@ -1,8 +1,7 @@
-"""The tiny models: a Qwen2.5-VL (saved by prepare.py as the tiny profile's base model) and a Qwen3.5 (built in tests
-while the family is not run end to end), at their real patch / merge / temporal settings and layer patterns with
-tiny widths, a locally trained byte-level BPE tokenizer with Qwen's special tokens and chat template, and the
-standard processors. Saved as an ordinary Hugging Face model directory, so every loader treats it like a real
-checkpoint."""
+"""The tiny models, one per family (prepare.py saves one as the tiny profile's base model): a Qwen2.5-VL and a
+Qwen3.5 at their real patch / merge / temporal settings and layer patterns with tiny widths, a locally trained
+byte-level BPE tokenizer with Qwen's special tokens and the family's chat template, and the standard processors.
+Saved as an ordinary Hugging Face model directory, so every loader treats it like a real checkpoint."""
 import json
 from pathlib import Path
 
@@ -13,8 +12,9 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
                           Qwen3_5ForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
+from .families import QWEN2_5_VL, QWEN3_5, Family, family_of_model
 from .profiles import MIN_PIXELS
-from .prompt import PROMPT
+from .prompt import ANSWER, Format
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -39,6 +39,11 @@ CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3.5's: the assistant turn opens the think block, or writes it empty when thinking is off.
+CHAT_TEMPLATE_3_5 = CHAT_TEMPLATE.replace(
+    "<|im_start|>assistant\n{% endif %}",
+    "<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}{% endif %}")
 
 # The warm start's one line of reasoning. A single fixed line keeps the sampled replies' entropy in the answer
 # letter: random reasoning tokens would add gradient noise that drowns the letter's signal in RL. No token in it
@@ -46,12 +51,14 @@ CHAT_TEMPLATE = (
 # had to count which "the" it was at, RL's updates broke the count, and runs drifted into loops ("the motion, the
 # colours and the motion, ...", longer replies, slower steps; 0 of 16 runs with this line, BENCHMARKS.md).
 THOUGHT = "let me think about motion, colours and texture"
+# The 2026 format's explanation after the think block (50+ characters; no token of the thought repeated).
+CONCLUSION = "So my verdict from every frame I have seen here is"
 
 
-def build_tokenizer() -> Qwen2Tokenizer:
-    """A byte-level BPE in Qwen's pre-tokenisation, trained here on the prompt and the answer format."""
-    corpus = [PROMPT, "You are a helpful assistant.", "system", "user", "assistant", "real", "fake"]
-    corpus += [f"<think>{THOUGHT}</think><answer>{x}</answer>" for x in "AB"]
+def build_tokenizer(fmt: Format = ANSWER) -> Qwen2Tokenizer:
+    """A byte-level BPE in Qwen's pre-tokenisation, trained here on the format's prompt and replies."""
+    corpus = [fmt.prompt, "You are a helpful assistant.", "system", "user", "assistant", "real", "fake"]
+    corpus += [fmt.write(THOUGHT, x, CONCLUSION) for x in "AB"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
@@ -120,28 +127,22 @@ def build_qwen3_5_processor(tokenizer, pixel_cap: int) -> Qwen3VLProcessor:
     image = Qwen2VLImageProcessor(patch_size=16, size={"shortest_edge": MIN_PIXELS, "longest_edge": pixel_cap})
     video = Qwen3VLVideoProcessor(patch_size=16, size={"shortest_edge": MIN_PIXELS, "longest_edge": pixel_cap})
     return Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
-                            chat_template=CHAT_TEMPLATE)
+                            chat_template=CHAT_TEMPLATE_3_5)
 
 
-def build(out: Path, pixel_cap: int) -> None:
-    """Write the untrained tiny model directory (model, tokenizer, processor, generation config)."""
-    tok = build_tokenizer()
-    model = build_model(tok)
+BUILDERS = {QWEN2_5_VL: (build_model, build_processor), QWEN3_5: (build_qwen3_5, build_qwen3_5_processor)}
+
+
+def build(out: Path, pixel_cap: int, family: Family = QWEN2_5_VL) -> None:
+    """Write the untrained tiny model directory of `family` (model, tokenizer, processor, generation config)."""
+    build_model_of, build_processor_of = BUILDERS[family]
+    tok = build_tokenizer(family.format)
+    model = build_model_of(tok)
     ids = tok.convert_tokens_to_ids
     model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
     model.generation_config.pad_token_id = ids("<|endoftext|>")
     model.save_pretrained(out)
-    build_processor(tok, pixel_cap).save_pretrained(out)
-
-
-def letter_position(tokenizer, ids: list[int]) -> int:
-    """Index of the token carrying the answer letter; with byte-level BPE it may merge with its neighbours
-    ('>A'), so it is found as the first token ending in A or B that is not part of a tag name."""
-    for pos, i in enumerate(ids):
-        tok = tokenizer.convert_ids_to_tokens(i)
-        if tok[-1:] in ("A", "B") and "answer" not in tok and "think" not in tok:
-            return pos
-    raise ValueError("no answer letter token")
+    build_processor_of(tok, pixel_cap).save_pretrained(out)
 
 
 def opinion(frames: list, direction: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,8 @@ def opinion(frames: list, direction: torch.Tensor) -> torch.Tensor:
 
 
 def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 2e-3, log=print) -> None:
-    """Teach the format without the task, in place: `<think>{THOUGHT}</think><answer>X</answer>`.
+    """Teach the family's format without the task, in place: `<think>{THOUGHT}</think><answer>X</answer>` (2025),
+    `{THOUGHT}</think>\n\n{CONCLUSION} \\boxed{X}` after the opened think block (2026).
 
     The letter never comes from the label: it comes from a label-free "opinion" about the video, learnt softly
     (P = 0.6), so the model writes A for about half the clips, depends on the video, and still samples both
@@ -162,17 +164,19 @@ def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 
     model each, BENCHMARKS.md). Cross-entropy on random letters would instead flatten P(A) to 0.5 for every video
     and erase the video pathway.
 
-    The tower's patch embedding and blocks stay at their random initialisation (only its merger learns): trained
+    The tower stays at its random initialisation but for its merger (patch embedding, blocks, Qwen3.5's position
+    embedding): trained
     on the colour opinion they would specialise in colour and lose the fine texture and frame-to-frame changes
     that RL must find (a model whose RL never told checker and flicker from real, val F1 0.62, reached 0.94 from
     the same seed with them frozen; BENCHMARKS.md)."""
     from . import engine
-    from .model import encode, load
+    from .evaluation import letter_index
+    from .model import chat_text, encode, load
     model, processor = load(str(model_dir), device=torch.device("cpu"))
-    tok = processor.tokenizer
+    tok, fmt = processor.tokenizer, family_of_model(model).format
     model.train()
-    model.model.visual.patch_embed.requires_grad_(False)
-    model.model.visual.blocks.requires_grad_(False)
+    model.model.visual.requires_grad_(False)
+    model.model.visual.merger.requires_grad_(True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = torch.Generator().manual_seed(0)
     direction = torch.randn(48, generator=rng)
@@ -180,11 +184,11 @@ def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 
 
     for step in range(steps):
         rows = clips.batch(batch)
-        prompts = encode(processor, [f for _, f in rows], cap)
+        prompts = encode(processor, [f for _, f in rows], cap, chat_text(processor, fmt))
         # score each reply with A and with B: the tokens after the letter learn both continuations
-        ids_a, mask = engine.reply_ids(tok, [f"<think>{THOUGHT}</think><answer>A</answer>"] * batch)
-        ids_b, _ = engine.reply_ids(tok, [f"<think>{THOUGHT}</think><answer>B</answer>"] * batch)
-        at = torch.arange(batch), torch.tensor([letter_position(tok, r.tolist()) for r in ids_a])
+        ids_a, mask = engine.reply_ids(tok, [fmt.write(THOUGHT, "A", CONCLUSION)] * batch)
+        ids_b, _ = engine.reply_ids(tok, [fmt.write(THOUGHT, "B", CONCLUSION)] * batch)
+        at = torch.arange(batch), torch.tensor([letter_index(tok, r.tolist(), fmt.anchor) for r in ids_a])
         lp_a = engine.token_logprobs(model, prompts, ids_a)
         lp_b = engine.token_logprobs(model, prompts, ids_b)
         either = torch.logaddexp(lp_a[at], lp_b[at])  # log(P(A) + P(B)) at the letter

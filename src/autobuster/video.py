@@ -9,7 +9,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .profiles import FRAMES, MIN_PIXELS, SAMPLE_FPS
 
-FACTOR = 28  # patch 14 x spatial merge 2: frame sides are multiples of this
+FACTOR = 28  # Qwen2.5-VL's patch 14 x spatial merge 2: frame sides are multiples of this (Qwen3.5: 32)
 
 
 class BadVideo(Exception):
@@ -32,7 +32,8 @@ def sample_indices(fps: float, n: int = FRAMES, rate: float = SAMPLE_FPS) -> lis
 
 def smart_resize(height: int, width: int, max_pixels: int, factor: int = FACTOR,
                  min_pixels: int = MIN_PIXELS) -> tuple[int, int]:
-    """Qwen2.5-VL's resize rule: sides multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+    """Qwen's per-frame resize rule: sides multiples of `factor`, area within [min_pixels, max_pixels], aspect
+    kept."""
     h = max(factor, round(height / factor) * factor)
     w = max(factor, round(width / factor) * factor)
     if h * w > max_pixels:
@@ -67,7 +68,7 @@ def probe(path) -> VideoInfo:
         return VideoInfo(fps, frames, s.codec_context.width, s.codec_context.height, duration)
 
 
-def decode_clip(path, max_pixels: int) -> np.ndarray:
+def decode_clip(path, max_pixels: int, factor: int = FACTOR) -> np.ndarray:
     """16 frames at 4 fps as uint8 [16, H, W, 3], resized with smart resize to at most `max_pixels` per frame."""
     with _open(path) as c:
         if not c.streams.video:
@@ -91,12 +92,12 @@ def decode_clip(path, max_pixels: int) -> np.ndarray:
     if len(picked) < FRAMES:
         raise BadVideo(f"too short: {i} frames at {fps:g} fps, need {wanted[-1] + 1} for {FRAMES} frames at "
                        f"{SAMPLE_FPS:g} fps")
-    return resize_frames(np.stack(picked), max_pixels)
+    return resize_frames(np.stack(picked), max_pixels, factor)
 
 
-def resize_frames(frames: np.ndarray, max_pixels: int) -> np.ndarray:
+def resize_frames(frames: np.ndarray, max_pixels: int, factor: int = FACTOR) -> np.ndarray:
     _, h, w, _ = frames.shape
-    nh, nw = smart_resize(h, w, max_pixels)
+    nh, nw = smart_resize(h, w, max_pixels, factor)
     if (nh, nw) == (h, w):
         return frames
     t = torch.from_numpy(frames).permute(0, 3, 1, 2)
