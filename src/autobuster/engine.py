@@ -657,19 +657,18 @@ class _LinearStates:
 
 def _packed_linear(forward, packed, hidden_states, attention_mask=None, cache_params=None, **kwargs):
     """A Gated DeltaNet layer (Qwen3.5's linear attention, `forward`) over `_Packed` sequences: run straight through,
-    each completion would start from the state the completion before it left. So per sequence the prompt's valid
-    tokens run first, then its completions as a batch, each starting from the prompt's final convolution and
-    recurrent states."""
-    plen = hidden_states.shape[1] - packed.blocks * packed.width
-    out = []
-    for s, pad in enumerate(packed.pads):
-        states = _LinearStates()
-        prompt = forward(hidden_states[s:s + 1, pad:plen], cache_params=states)[0]
-        states = _LinearStates(states.conv.repeat(packed.blocks, 1, 1),
-                               states.recurrent.repeat(packed.blocks, 1, 1, 1))
-        own = forward(hidden_states[s, plen:].unflatten(0, (packed.blocks, packed.width)), cache_params=states)
-        out.append(torch.cat([prompt.new_zeros(pad, prompt.shape[-1]), prompt, own.flatten(0, 1)]))
-    return torch.stack(out)
+    each completion would start from the state the completion before it left. So the prompts run first, as one
+    left-padded batch (exact: a zeroed input adds nothing to the zero initial state, as no projection and not the
+    convolution has a bias), then every completion as one batch, each starting from its prompt's final
+    convolution and recurrent states."""
+    seqs, total, _ = hidden_states.shape
+    plen = total - packed.blocks * packed.width
+    states = _LinearStates()
+    prompt = forward(hidden_states[:, :plen] * packed.prompt[..., None].to(hidden_states.dtype), cache_params=states)
+    states = _LinearStates(states.conv.repeat_interleave(packed.blocks, 0),
+                           states.recurrent.repeat_interleave(packed.blocks, 0))
+    own = forward(hidden_states[:, plen:].reshape(seqs * packed.blocks, packed.width, -1), cache_params=states)
+    return torch.cat([prompt, own.reshape(seqs, packed.blocks * packed.width, -1)], 1)
 
 
 def _packed_layer(layer, hidden, rope, packed):
