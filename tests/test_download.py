@@ -159,6 +159,31 @@ def test_todays_hub_layout_prepares_train_and_three_pinned_sets(archives, home, 
     assert {n: setup.eval_set(n).read_text() for n in dataset.EVAL_SETS} == before
 
 
+def test_two_families_share_one_prepared_dataset(archives, home, tmp_path, monkeypatch):
+    """A Qwen3.5 base model after a Qwen2.5-VL one: the same clips and pinned sets, frames cached again only at the
+    sizes that differ (multiples of 32, not 28), and fingerprints that keep the two families' scores apart."""
+    serve(monkeypatch, {hub.TRAIN_REPO: [archives["mini"]], hub.BENCH_REPO: [archives["bench"]]})
+    first = preparation.prepare("genbuster", model=model_dir(tmp_path))
+    cut_network(monkeypatch)
+    (tmp_path / "q35").mkdir()
+    (tmp_path / "q35" / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}))
+    with pytest.raises(UserError, match="is a Qwen3.5 checkpoint, not Qwen2.5-VL: drop --family"):
+        preparation.prepare("genbuster", model=str(tmp_path / "q35"), family="qwen2.5-vl")
+    second = preparation.prepare("genbuster", model=str(tmp_path / "q35"))
+    assert (second.root, second.family, first.family) == (first.root, "Qwen3.5", "Qwen2.5-VL")
+    assert profiles.active() == second
+    for name in dataset.EVAL_SETS:
+        a, b = dataset.read_eval_set(first, name), dataset.read_eval_set(second, name)
+        assert a["ids"] == b["ids"] and a["fingerprint"] != b["fingerprint"]
+        assert a["fingerprint"] == json.loads(first.eval_set(name).read_text())["fingerprint"]  # as before formats
+        row = pinned(second, name)[1].reset_index().iloc[0]
+        old, new = np.load(dataset.frame_file(first, row)), np.load(dataset.frame_file(second, row))
+        assert old.shape[1] % 28 == old.shape[2] % 28 == 0 and new.shape[1] % 32 == new.shape[2] % 32 == 0
+    square = {"id": "x", "height": 448, "width": 448}  # where the two sizes agree, one file serves both
+    assert dataset.frame_file(first, square) == dataset.frame_file(second, square)
+    assert dataset.frame_file(first, {**square, "width": 800}) != dataset.frame_file(second, {**square, "width": 800})
+
+
 def test_verified_archives_are_not_hashed_again(archives, home, tmp_path, monkeypatch):
     serve(monkeypatch, {hub.TRAIN_REPO: [archives["mini"]], hub.BENCH_REPO: [archives["bench"]]})
     preparation.prepare("genbuster", model=model_dir(tmp_path), keep_archives=True)
@@ -349,7 +374,7 @@ def test_not_enough_disk_stops_before_downloading(archives, home, tmp_path, monk
 def test_wild_is_scored_by_evaluate(archives, tiny_home, tmp_path):
     """evaluate.py --split wild on the Bench's layout (tiny profile: CPU, the tiny model)."""
     env = {**os.environ, "AUTOBUSTER_HOME": str(tmp_path / "home")}
-    model = str(Path(tiny_home) / "tiny" / "model")
+    model = str(Path(tiny_home) / "tiny" / "model-qwen2.5-vl")
     r = subprocess.run([sys.executable, "prepare.py", "--profile", "tiny", "--dataset", str(archives["bench_tree"]),
                         "--model", model], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr

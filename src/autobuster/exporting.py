@@ -77,13 +77,13 @@ def export(run_id: str | None = None, out: str | None = None, adapter_only: bool
     (tmp / "val_metrics.json").write_text(json.dumps(val, indent=2))
     source = ws.repo.git.show(f"{run['commit_full']}:{TRAIN_FILE}")
     card = [f"# autobuster detector ({run['run_id']})", "",
-            "Qwen2.5-VL fine-tuned with LoRA + DAPO to tell real video from AI-generated video (fake = positive).",
+            f"{setup.family} fine-tuned with LoRA + DAPO to tell real video from AI-generated video (fake = positive).",
             f"Base: `{setup.model}`. " + ("LoRA adapter only." if adapter_only else "LoRA merged into the base."),
             f"Commit `{run['commit']}`: {run['description']}. Exported {time.strftime('%Y-%m-%d %H:%M')}.", "",
             f"Seed {run.get('seed', 0)}; this commit's mean val F1 over its {run.get('seeds', 1)} seed(s): "
             f"{run.get('mean_f1', val['f1']):.4f}.", "",
             "Ask it with the BusterX++ prompt and one video of 16 frames at 4 fps; it answers "
-            "`<think>...</think><answer>A|B</answer>` (A real, B fake).", "",
+            f"{setup.model_family.format.described} (A real, B fake).", "",
             f"## Validation (pinned set {val.get('fingerprint')}, {val['n']} clips)", "", table(val), ""]
     for name, m in scored.items():
         card += [f"## {TITLES[name]} (set {m['fingerprint']}, {m['n']} clips)", "", table(m), ""]

@@ -51,6 +51,7 @@ class Format:
     switch_line: bool  # modes are a /think or /no_think line under the prompt (else the template's enable_thinking)
     opened: str = ""  # what the chat template's assistant turn already wrote of the reply (Qwen3.5: "<think>\n")
     min_conclusion: int = 0  # characters the reply must write after its think block
+    described: str = ""  # the reply, as a model card says it
 
     def prompt_for(self, mode: str | None = None) -> str:
         """The fixed prompt, with the mode's switch line where this format has one. No mode is the thinking mode
@@ -87,7 +88,8 @@ ANSWER = Format(
     "answer", PROMPT, answer=re.compile(r"<answer>(.*?)</answer>", re.S),
     reply=re.compile(r"\s*<think>(?:(?!</?think>|</?answer>).)+</think>\s*<answer>[AB]</answer>(?P<conclusion>)\s*",
                      re.S),
-    bare_reply=re.compile(r"\s*<answer>[AB]</answer>\s*"), anchor="<answer>", switch_line=True)
+    bare_reply=re.compile(r"\s*<answer>[AB]</answer>\s*"), anchor="<answer>", switch_line=True,
+    described="`<think>...</think><answer>A|B</answer>`")
 # 2026, Qwen3.5: the template opens the think block (the reply starts inside it), so a reply is the thought,
 # </think>, a blank line, then at least 50 characters ending in \boxed{A|B} (the authors' format reward; they add
 # the opened <think> back before matching). Without thinking the template writes the empty think block.
@@ -96,7 +98,8 @@ BOXED = Format(
     reply=re.compile(r"(?:(?!</?think>).)*</think>\n\n(?P<conclusion>\S(?:(?!</?think>).)*\\boxed\{[AB]\})\s*",
                      re.S),
     bare_reply=re.compile(r"\s*\\boxed\{[AB]\}\s*"), anchor="\\boxed{", switch_line=False, opened="<think>\n",
-    min_conclusion=50)
+    min_conclusion=50, described="its thought (the chat template opens `<think>`), `</think>`, a blank line, then at "
+                                  "least 50 characters ending in `\\boxed{A}` or `\\boxed{B}`")
 FORMATS = {f.name: f for f in (ANSWER, BOXED)}
 
 
