@@ -49,6 +49,7 @@ class Format:
     bare_reply: re.Pattern
     anchor: str
     switch_line: bool  # modes are a /think or /no_think line under the prompt (else the template's enable_thinking)
+    template: str  # a well-formed think-mode reply with {thought}, {conclusion} and {letter} in it
     opened: str = ""  # what the chat template's assistant turn already wrote of the reply (Qwen3.5: "<think>\n")
     min_conclusion: int = 0  # characters the reply must write after its think block
     described: str = ""  # the reply, as a model card says it
@@ -74,21 +75,19 @@ class Format:
         if mode == "no_think":
             return self.bare_reply.fullmatch(reply) is not None
         m = self.reply.fullmatch(reply)
-        return m is not None and len(m.group("conclusion").strip()) >= self.min_conclusion
+        return m is not None and len((m.groupdict().get("conclusion") or "").strip()) >= self.min_conclusion
 
     def write(self, thought: str, letter: str, conclusion: str = "") -> str:
         """A well-formed think-mode reply (the tiny models' warm start)."""
-        if self.switch_line:
-            return f"<think>{thought}</think><answer>{letter}</answer>"
-        return f"{thought}</think>\n\n{conclusion} \\boxed{{{letter}}}"
+        return self.template.format(thought=thought, letter=letter, conclusion=conclusion)
 
 
 # 2025, Qwen2.5-VL: <think>...</think><answer>A|B</answer>, nothing else (whitespace around the blocks allowed).
 ANSWER = Format(
     "answer", PROMPT, answer=re.compile(r"<answer>(.*?)</answer>", re.S),
-    reply=re.compile(r"\s*<think>(?:(?!</?think>|</?answer>).)+</think>\s*<answer>[AB]</answer>(?P<conclusion>)\s*",
-                     re.S),
+    reply=re.compile(r"\s*<think>(?:(?!</?think>|</?answer>).)+</think>\s*<answer>[AB]</answer>\s*", re.S),
     bare_reply=re.compile(r"\s*<answer>[AB]</answer>\s*"), anchor="<answer>", switch_line=True,
+    template="<think>{thought}</think><answer>{letter}</answer>",
     described="`<think>...</think><answer>A|B</answer>`")
 # 2026, Qwen3.5: the template opens the think block (the reply starts inside it), so a reply is the thought,
 # </think>, a blank line, then at least 50 characters ending in \boxed{A|B} (the authors' format reward; they add
@@ -97,10 +96,10 @@ BOXED = Format(
     "boxed", PROMPT_2026, answer=re.compile(r"\\boxed\{([^{}]*)\}"),
     reply=re.compile(r"(?:(?!</?think>).)*</think>\n\n(?P<conclusion>\S(?:(?!</?think>).)*\\boxed\{[AB]\})\s*",
                      re.S),
-    bare_reply=re.compile(r"\s*\\boxed\{[AB]\}\s*"), anchor="\\boxed{", switch_line=False, opened="<think>\n",
+    bare_reply=re.compile(r"\s*\\boxed\{[AB]\}\s*"), anchor="\\boxed{", switch_line=False,
+    template="{thought}</think>\n\n{conclusion} \\boxed{{{letter}}}", opened="<think>\n",
     min_conclusion=50, described="its thought (the chat template opens `<think>`), `</think>`, a blank line, then at "
                                   "least 50 characters ending in `\\boxed{A}` or `\\boxed{B}`")
-FORMATS = {f.name: f for f in (ANSWER, BOXED)}
 
 
 def messages(prompt: str = PROMPT) -> list[dict]:
