@@ -67,7 +67,6 @@ class Shapes:
     """What the bench builds for one model family at one size."""
     family: Family
     config: object  # the model's config
-    patch: int
     special: dict  # the vision token ids
     special_from: int  # first special token id (never sampled)
     per_pair: bool  # each frame pair is its own vision run after a timestamp (Qwen3.5) or one run per video
@@ -81,10 +80,10 @@ def shapes(family: str, size: str) -> Shapes:
         cfg = Qwen3_5Config(text_config=text, vision_config=VISION_3_5[size] | dict(
             out_hidden_size=text["hidden_size"], patch_size=16, spatial_merge_size=2, temporal_patch_size=2),
             tie_word_embeddings=size == "4b", **SPECIAL_3_5)
-        return Shapes(QWEN3_5, cfg, 16, SPECIAL_3_5, SPECIAL_FROM_3_5, True)
+        return Shapes(QWEN3_5, cfg, SPECIAL_3_5, SPECIAL_FROM_3_5, True)
     if size not in TEXT:
         raise UserError(f"unknown --size {size!r}: use one of {', '.join(TEXT)}")
-    return Shapes(QWEN2_5_VL, config(size), 14, SPECIAL, SPECIAL_FROM, False)
+    return Shapes(QWEN2_5_VL, config(size), SPECIAL, SPECIAL_FROM, False)
 
 
 def config(size: str) -> Qwen2_5_VLConfig:
@@ -120,7 +119,7 @@ def prompts(n: int, frames: int, side: int, seed: int = 0, shape: Shapes | None 
     """A batch shaped like encode()'s: chat text around one video of `frames` frames at side² (random pixels)."""
     shape = shape or shapes("qwen2.5-vl", "7b")
     g = torch.Generator().manual_seed(seed)
-    sp, patch = shape.special, shape.patch
+    sp, patch = shape.special, shape.config.vision_config.patch_size
     t, h = frames // 2, side // patch // 2 * 2
     text = torch.randint(0, shape.special_from, (n, TEXT_TOKENS + t * STAMP_TOKENS), generator=g)
     start, end = torch.full((n, 1), sp["vision_start_token_id"]), torch.full((n, 1), sp["vision_end_token_id"])
@@ -370,9 +369,9 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
             model.train()
             try:
                 update(model, batch, ids, group, micro, r)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as e:  # a kernel that refuses this GPU (fla's backward on Hopper with old Triton)
-                if isinstance(e, torch.OutOfMemoryError):
-                    raise
                 r["update_error"] = str(e).splitlines()[0]
             model.zero_grad(set_to_none=True)
         except torch.OutOfMemoryError:
