@@ -49,7 +49,7 @@ def test_cascade_greedy_matches_hf_generate(policy, monkeypatch):
     """Shared-prompt decode, G rows per prompt, against Hugging Face generate on each prompt alone: prompts of
     different lengths (left padding), groups that end at different steps."""
     m, p = policy
-    pool, texts = clips(8, seed=4), [model.chat_text(p, ANSWER, "no_think"), model.chat_text(p, ANSWER)]
+    pool, texts = clips(32, seed=4), [model.chat_text(p, ANSWER, "no_think"), model.chat_text(p, ANSWER)]
     # a clip answered A with the first text and one answered B with the second, whatever this warm start learnt:
     # with ">A" as an end token their rows end at different steps
     a, b = (next(i for i, t in enumerate(engine.generate(m, p, model.encode(p, pool, 56 * 56, text), greedy=True,
