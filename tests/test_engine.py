@@ -45,26 +45,31 @@ def warm_up_then_eager(fn, state):
     return fn
 
 
+def early_end(plain, ends):
+    """A token prompt 0 writes early that prompt 1 has not written by then: as an end token it ends prompt 0's rows
+    at another step than prompt 1's, whatever the model learnt (`plain`: greedy completions without it)."""
+    def length(row):
+        return next((k for k, t in enumerate(row.tolist()) if t in ends), len(row))
+    return next(int(plain[0, k]) for k in range(1, length(plain[0])) if k != length(plain[1])
+                and int(plain[0, k]) not in plain[0, :k].tolist() + plain[1, :k + 1].tolist())
+
+
 def test_cascade_greedy_matches_hf_generate(policy, monkeypatch):
     """Shared-prompt decode, G rows per prompt, against Hugging Face generate on each prompt alone: prompts of
     different lengths (left padding), groups that end at different steps."""
     m, p = policy
-    pool, texts = clips(32, seed=4), [model.chat_text(p, ANSWER, "no_think"), model.chat_text(p, ANSWER)]
-    # a clip answered A with the first text and one answered B with the second, whatever this warm start learnt:
-    # with ">A" as an end token their rows end at different steps
-    a, b = (next(i for i, t in enumerate(engine.generate(m, p, model.encode(p, pool, 56 * 56, text), greedy=True,
-                                                         max_new_tokens=40).texts) if f"<answer>{x}" in t)
-            for text, x in zip(texts, "AB"))
-    batch = model.encode(p, [pool[a], pool[b], pool[a]], 56 * 56, texts + texts[:1])
+    pool, texts = clips(2, seed=4), [model.chat_text(p, ANSWER, "no_think"), model.chat_text(p, ANSWER)]
+    batch = model.encode(p, [pool[0], pool[1], pool[0]], 56 * 56, texts + texts[:1])
     assert batch["attention_mask"].min() == 0 and engine.uses_cascade(m, 2) and not engine.uses_cascade(m, 1)
     tok = p.tokenizer
-    ends = engine.end_ids(tok) + tok.encode(">A")[:1]
+    kw = dict(do_sample=False, max_new_tokens=40, pad_token_id=tok.pad_token_id,
+              suppress_tokens=engine.banned_ids(tok))
+    ends = engine.end_ids(tok)
+    ends = ends + [early_end(m.generate(**batch, eos_token_id=ends, **kw)[:, batch["input_ids"].shape[1]:], ends)]
     monkeypatch.setattr(engine, "_graphed", warm_up_then_eager)  # the capture's warm-up steps, on a CPU
     ids, _ = engine.decode(m, batch, 2, 40, ends, engine.banned_ids(tok), tok.pad_token_id, greedy=True,
                            cascade=True, cuda_graph=True)
-    ref = m.generate(**batch, do_sample=False, max_new_tokens=40, eos_token_id=ends, pad_token_id=tok.pad_token_id,
-                     suppress_tokens=engine.banned_ids(tok))
-    ref = ref[:, batch["input_ids"].shape[1]:]
+    ref = m.generate(**batch, eos_token_id=ends, **kw)[:, batch["input_ids"].shape[1]:]
     lengths = engine.completion_mask(ids, ends)[0].sum(1).tolist()
     assert len(set(lengths)) > 1
     for row, k in enumerate(lengths):
@@ -86,7 +91,7 @@ def test_qwen3_5_greedy_matches_hf_generate(policy, monkeypatch):
     kw = dict(do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id,
               suppress_tokens=engine.banned_ids(tok))
     plain = m.generate(**batch, eos_token_id=ends, **kw)[:, batch["input_ids"].shape[1]:]
-    ends = ends + [int(plain[0, 4])]  # a token prompt 0 writes early: its rows end first
+    ends = ends + [early_end(plain, ends)]
     ref = m.generate(**batch, eos_token_id=ends, output_logits=True, return_dict_in_generate=True, **kw)
     ref_logits = torch.stack(ref.logits, 1)[..., :64]  # the tokens' logits at every step, before any processing
     ref = ref.sequences[:, batch["input_ids"].shape[1]:]
