@@ -48,8 +48,12 @@ def linear_attention_kernels(model) -> str:
     to its slow torch code): the delta rule from fla, the short convolution from causal_conv1d. "" without them."""
     if "linear_attention" not in (unwrap(model).config.get_text_config().layer_types or ()):
         return ""
-    return ", ".join(f"{what} {pkg if importlib.util.find_spec(pkg) else 'torch'}"
+    return ", ".join(f"{what} {pkg if _installed(pkg) else 'torch'}"
                      for what, pkg in (("delta rule", "fla"), ("conv", "causal_conv1d")))
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 def banned_ids(tokenizer) -> list[int]:
@@ -406,6 +410,41 @@ def _fused_rms_norm(lm, offset: float = 0.0):
             del m.forward
 
 
+def _delta_rule_step(query, key, value, g, beta, initial_state, **kwargs):
+    """One decode token of the gated delta rule (Qwen3.5's linear attention) with the recurrent state updated in
+    place, where Hugging Face's torch fallback makes four state-sized temporaries and the cache copies the result
+    back: the state is most of what a 4B decode step reads (BENCHMARKS.md). Same maths, reordered so that one
+    batched matmul reads the state once for both S^T k and S^T q: with S' = e^g S + k delta^T, S'^T q is
+    e^g S^T q + (k.q) delta. Inputs as the layer gives them, [rows, 1, heads, dim]; the state [rows, value heads,
+    key dim, value dim] in fp32."""
+    state = initial_state
+    rows, heads, k_dim, v_dim = state.shape
+    q, k = (x[:, 0].float() * torch.rsqrt(x[:, 0].float().square().sum(-1, keepdim=True) + 1e-6)  # fla's l2norm
+            for x in (query, key))
+    q, k = (x.repeat_interleave(heads // x.shape[1], 1) for x in (q * k_dim ** -0.5, k))  # grouped value heads
+    decay = g[:, 0].float().exp()[..., None]  # [rows, heads, 1]
+    read = (torch.stack([k, q], 2).flatten(0, 1) @ state.flatten(0, 1)).view(rows, heads, 2, v_dim)
+    delta = (value[:, 0].float() - decay * read[:, :, 0]) * beta[:, 0].float()[..., None]
+    out = decay * read[:, :, 1] + (k * q).sum(-1, keepdim=True) * delta
+    state.mul_(decay[..., None]).addcmul_(k[..., :, None], delta[..., None, :])
+    return out[:, None].to(query.dtype), state
+
+
+@contextmanager
+def _fused_delta_rule(lm):
+    """Without fla (whose fused kernel reads and writes the state once), the Gated DeltaNet layers decode with
+    `_delta_rule_step`. No-op for a model without them."""
+    mixer = next((x.linear_attn for x in lm.layers if hasattr(x, "linear_attn")), None)
+    module = sys.modules[type(mixer).__module__] if mixer is not None and not _installed("fla") else None
+    if module is not None:
+        eager, module.torch_recurrent_gated_delta_rule = module.torch_recurrent_gated_delta_rule, _delta_rule_step
+    try:
+        yield
+    finally:
+        if module is not None:
+            module.torch_recurrent_gated_delta_rule = eager
+
+
 @torch.no_grad()
 def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int], banned: list[int], pad: int,
            greedy: bool = False, temperature: float = 1.0, track_ids: list[int] | None = None,
@@ -463,7 +502,7 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
         choose(logits)
 
     choose(first)
-    with (_fused_rms_norm(lm, family_of_model(model).norm_offset), _fused_rotary(lm),
+    with (_fused_rms_norm(lm, family_of_model(model).norm_offset), _fused_rotary(lm), _fused_delta_rule(lm),
           attention_as(lm.config, CASCADE) if cascade else nullcontext()):
         run = step_fn
         if max_new_tokens > 1 and ((device.type == "cuda") if cuda_graph is None else cuda_graph):
