@@ -457,7 +457,8 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
     device = core.lm_head.weight.device
     batch = {k: v.to(device) for k, v in batch.items()}
     embeds, positions, attention = _inputs(core, batch, video_features(model, batch))
-    out = lm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True)
+    out = lm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
+             **_delta_rule_chunks(device))
     first = core.lm_head(out.last_hidden_state[:, -1]).float().repeat_interleave(num_samples, 0)
 
     rows = len(first)
@@ -702,12 +703,21 @@ def _packed_linear(forward, packed, hidden_states, attention_mask=None, cache_pa
     convolution and recurrent states."""
     seqs, total, _ = hidden_states.shape
     plen = total - packed.blocks * packed.width
-    states = _LinearStates()
-    prompt = forward(hidden_states[:, :plen] * packed.prompt[..., None].to(hidden_states.dtype), cache_params=states)
+    states, chunks = _LinearStates(), _delta_rule_chunks(hidden_states.device)
+    prompt = forward(hidden_states[:, :plen] * packed.prompt[..., None].to(hidden_states.dtype), cache_params=states,
+                     **chunks)
     states = _LinearStates(states.conv.repeat_interleave(packed.blocks, 0),
                            states.recurrent.repeat_interleave(packed.blocks, 0))
-    own = forward(hidden_states[:, plen:].reshape(seqs * packed.blocks, packed.width, -1), cache_params=states)
+    own = forward(hidden_states[:, plen:].reshape(seqs * packed.blocks, packed.width, -1), cache_params=states,
+                  **chunks)
     return torch.cat([prompt, own.reshape(seqs, packed.blocks * packed.width, -1)], 1)
+
+
+def _delta_rule_chunks(device) -> dict:
+    """On a CPU, Hugging Face's torch delta rule in chunks of 16 tokens, not 64: its 64 x 64 triangular solves are
+    most of a tiny Qwen3.5's update (forward and backward 4-6x faster, same maths; BENCHMARKS.md). fla's kernels
+    take no chunk size: the layers' kernel wrappers drop it."""
+    return {"chunk_size": 16} if device.type == "cpu" else {}
 
 
 def _packed_layer(layer, hidden, rope, packed):
