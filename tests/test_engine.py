@@ -76,17 +76,19 @@ def test_cascade_greedy_matches_hf_generate(policy, monkeypatch):
         assert ids[row, :k].tolist() == ref[row // 2, :k].tolist()
 
 
-def test_qwen3_5_greedy_matches_hf_generate(policy, monkeypatch):
+@pytest.mark.parametrize("cascade", [True, False], ids=["shared-prompt", "expanded"])
+def test_qwen3_5_greedy_matches_hf_generate(policy, monkeypatch, cascade):
     """The tiny Qwen3.5 (Gated DeltaNet layers with convolution and recurrent states, then full attention): each
-    prompt's states copied to its G rows, greedy decode token for token against Hugging Face generate, prompts of
-    different lengths, rows ending at different steps, through the capture's warm-up steps."""
+    prompt's states copied to its G rows, its keys and values shared by them or copied, greedy decode token for
+    token against Hugging Face generate, prompts of different lengths, rows ending at different steps, through the
+    capture's warm-up steps."""
     tok = policy[1].tokenizer
     m = tiny.build_qwen3_5(tok).eval()
     p = tiny.build_qwen3_5_processor(tok, 64 * 64)
     batch = model.encode(p, clips(3, seed=4), 64 * 64,
                          [model.chat_text(p, BOXED, "no_think"), model.chat_text(p, BOXED),
                           model.chat_text(p, BOXED, "no_think")])
-    assert batch["attention_mask"].min() == 0 and not engine.uses_cascade(m, 2)  # linear layers: expanded states
+    assert batch["attention_mask"].min() == 0 and engine.uses_cascade(m, 2) and not engine.uses_cascade(m, 1)
     ends = engine.end_ids(tok)
     kw = dict(do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id,
               suppress_tokens=engine.banned_ids(tok))
@@ -97,7 +99,7 @@ def test_qwen3_5_greedy_matches_hf_generate(policy, monkeypatch):
     ref = ref.sequences[:, batch["input_ids"].shape[1]:]
     monkeypatch.setattr(engine, "_graphed", warm_up_then_eager)
     ids, tracked = engine.decode(m, batch, 2, 12, ends, engine.banned_ids(tok), tok.pad_token_id, greedy=True,
-                                 track_ids=list(range(64)), cuda_graph=True)
+                                 track_ids=list(range(64)), cuda_graph=True, cascade=cascade)
     lengths = engine.completion_mask(ids, ends)[0].sum(1).tolist()
     assert len(set(lengths)) > 1
     for row, k in enumerate(lengths):

@@ -3,8 +3,8 @@
 Hugging Face `generate` runs the vision tower and the prompt prefill once per sample and decodes step by step in
 Python. Here each video goes through the vision tower once (its windows batched), each prompt is prefilled once,
 and the decode step (all layers, sampling included) is one CUDA graph on the GPU, replayed until every row has
-ended. The G rows of a prompt share its KV cache (cascade attention) where the model has full attention only; a
-Qwen3.5's linear-attention states are copied to its rows. The update's log-probs pack each prompt once with its
+ended. The G rows of a prompt share its KV cache (cascade attention); a Qwen3.5's linear-attention states are
+copied to its rows. The update's log-probs pack each prompt once with its
 completions, without a mask tensor. The model's own layers do the maths, so greedy outputs equal `generate` token
 for token and log-probs equal a plain forward (tests/test_engine.py)."""
 import importlib.util
@@ -147,11 +147,9 @@ class _StaticCache:
     def __init__(self, prefill, attention, num_samples: int, room: int):
         self.prompt_len = attention.shape[1]
         self.pos = torch.zeros(1, dtype=torch.long, device=attention.device)
-        self.keys, self.values, self.states = [], [], {}
+        self.keys, self.values, self.states = [], [], _linear_states(prefill, num_samples)
         for i, layer in enumerate(prefill.layers):
-            if hasattr(layer, "recurrent_states"):  # a linear-attention layer: its state is all it keeps
-                self.states[i] = [x[0].repeat_interleave(num_samples, 0)
-                                  for x in (layer.conv_states, layer.recurrent_states)]
+            if i in self.states:
                 self.keys.append(None)
                 self.values.append(None)
                 continue
@@ -191,6 +189,13 @@ class _StaticCache:
         return False
 
 
+def _linear_states(prefill, num_samples: int) -> dict[int, list[torch.Tensor]]:
+    """{layer: [convolution state, recurrent state]} of the linear-attention layers (Qwen3.5's Gated DeltaNet), each
+    prompt's copied to its G rows: a recurrent state is all such a layer keeps, and each row changes its own."""
+    return {i: [x[0].repeat_interleave(num_samples, 0) for x in (layer.conv_states, layer.recurrent_states)]
+            for i, layer in enumerate(prefill.layers) if hasattr(layer, "recurrent_states")}
+
+
 class _CascadeCache(_StaticCache):
     """The shared-prompt cache: each prompt's keys and values once and each row's own completion, [rows, kv heads,
     new tokens, head dim]. The G rows of a group share their prompt exactly, so its part of the attention is
@@ -198,13 +203,16 @@ class _CascadeCache(_StaticCache):
     step instead of 8 GB. A prompt is stored in `chunks` pieces along its tokens, [prompts x chunks, kv heads,
     piece, head dim], so that the kernel has enough independent blocks to keep every SM reading (flash-decoding's
     split; 8 prompts x 4 kv heads alone would be 32 blocks on 132 SMs). The cache is its own attention mask: the
-    layers hand it to the attention function, which finds the biases on it."""
+    layers hand it to the attention function, which finds the biases on it. Linear-attention layers keep their
+    states per row, as in `_StaticCache`."""
 
     def __init__(self, prefill, attention, num_samples: int, room: int, attend, chunks: int | None = None):
         self.attend, self.pos = attend, torch.zeros(1, dtype=torch.long, device=attention.device)
         self.merge = _compiled(_merge) if attention.device.type == "cuda" else _merge  # one kernel, not ten
+        self.states = _linear_states(prefill, num_samples)
         prompts, plen = attention.shape
-        kv = prefill.layers[0].keys.shape[1]
+        first = next(x for i, x in enumerate(prefill.layers) if i not in self.states)  # an attention layer's cache
+        kv, dtype = first.keys.shape[1], first.keys.dtype
         chunks, piece, room = cascade_layout(prompts, plen, kv, room, attention.device, chunks)
         self.prompts, self.chunks = prompts, chunks
 
@@ -213,18 +221,22 @@ class _CascadeCache(_StaticCache):
             return x.unflatten(2, (chunks, piece)).transpose(1, 2).flatten(0, 1).contiguous()
 
         self.prompt_keys, self.prompt_values, self.keys, self.values = [], [], [], []
-        for layer in prefill.layers:
+        for i, layer in enumerate(prefill.layers):
+            if i in self.states:
+                for x in (self.prompt_keys, self.prompt_values, self.keys, self.values):
+                    x.append(None)
+                continue
             self.prompt_keys.append(pieces(layer.keys))
             self.prompt_values.append(pieces(layer.values))
             self.keys.append(layer.keys.new_zeros(prompts * num_samples, kv, room, layer.keys.shape[3]))
             self.values.append(torch.zeros_like(self.keys[-1]))
-        low = torch.finfo(layer.keys.dtype).min  # additive biases: finite, so a piece of padding alone gives no NaN
-        bias = torch.zeros(prompts, 1, plen, dtype=layer.keys.dtype, device=attention.device)
+        low = torch.finfo(dtype).min  # additive biases: finite, so a piece of padding alone gives no NaN
+        bias = torch.zeros(prompts, 1, plen, dtype=dtype, device=attention.device)
         padded = F.pad(bias.masked_fill(attention[:, None] == 0, low), (0, chunks * piece - plen), value=low)
         self.prompt_bias = padded.view(prompts * chunks, 1, 1, piece)
         self.bias = torch.full((1, 1, 1, room), low, dtype=bias.dtype, device=attention.device)
         self.mask = self
-        self.state = [self.pos, self.bias]
+        self.state = [self.pos, self.bias, *(t for pair in self.states.values() for t in pair)]
 
     def advance(self, step):
         self.pos.copy_(step)
@@ -326,13 +338,14 @@ def attend_with_lse(device: torch.device, dtype: torch.dtype):
 
 
 def uses_cascade(model, num_samples: int) -> bool:
-    """Whether `decode` shares each prompt's cache among its rows: with several samples per prompt, a language model
-    of full-attention layers alone, and a kernel for `_cascade_attention` on this device."""
+    """Whether `decode` shares each prompt's cache among its rows: with several samples per prompt, full-attention
+    layers without a sliding window (and linear-attention ones, which keep their states per row), and a kernel for
+    `_cascade_attention` on this device."""
     lm = unwrap(model).model.language_model
-    types = getattr(lm.config, "layer_types", None) or ["full_attention"]
+    types = set(getattr(lm.config, "layer_types", None) or ["full_attention"])
     p = next(lm.parameters())
-    return (num_samples > 1 and set(types) == {"full_attention"} and not getattr(lm.config, "use_sliding_window", False)
-            and attend_with_lse(p.device, p.dtype) is not None)
+    return (num_samples > 1 and "full_attention" in types and types <= {"full_attention", "linear_attention"}
+            and not getattr(lm.config, "use_sliding_window", False) and attend_with_lse(p.device, p.dtype) is not None)
 
 
 @contextmanager
