@@ -4,9 +4,9 @@ Hugging Face `generate` runs the vision tower and the prompt prefill once per sa
 Python. Here each video goes through the vision tower once (its windows batched), each prompt is prefilled once,
 and the decode step (all layers, sampling included) is one CUDA graph on the GPU, replayed until every row has
 ended. The G rows of a prompt share its KV cache (cascade attention); a Qwen3.5's linear-attention states are
-copied to its rows. The update's log-probs pack each prompt once with its
-completions, without a mask tensor. The model's own layers do the maths, so greedy outputs equal `generate` token
-for token and log-probs equal a plain forward (tests/test_engine.py)."""
+copied to its rows. The update's log-probs pack each prompt once with its completions, without a mask tensor. The
+model's own layers do the maths, so greedy outputs equal `generate` token for token and log-probs equal a plain
+forward (tests/test_engine.py)."""
 import importlib.util
 import sys
 from collections import Counter
@@ -428,8 +428,8 @@ def _delta_rule_step(query, key, value, g, beta, initial_state, **kwargs):
     place, where Hugging Face's torch fallback makes four state-sized temporaries and the cache copies the result
     back: the state is most of what a 4B decode step reads (BENCHMARKS.md). Same maths, reordered so that one
     batched matmul reads the state once for both S^T k and S^T q: with S' = e^g S + k delta^T, S'^T q is
-    e^g S^T q + (k.q) delta. Inputs as the layer gives them, [rows, 1, heads, dim]; the state [rows, value heads,
-    key dim, value dim] in fp32."""
+    e^g S^T q + (k.q) delta. Inputs as the layer gives them, [rows, 1, heads, dim] (q and k l2-normed here, as
+    Qwen3.5's layers always ask); the state [rows, value heads, key dim, value dim] in fp32."""
     state = initial_state
     rows, heads, k_dim, v_dim = state.shape
     q, k = (x[:, 0].float() * torch.rsqrt(x[:, 0].float().square().sum(-1, keepdim=True) + 1e-6)  # fla's l2norm
@@ -728,8 +728,8 @@ def _packed_linear(forward, packed, hidden_states, attention_mask=None, cache_pa
 
 def _delta_rule_chunks(device) -> dict:
     """On a CPU, Hugging Face's torch delta rule in chunks of 16 tokens, not 64: its 64 x 64 triangular solves are
-    most of a tiny Qwen3.5's update (forward and backward 4-6x faster, same maths; BENCHMARKS.md). fla's kernels
-    take no chunk size: the layers' kernel wrappers drop it."""
+    most of the delta rule's time at a tiny Qwen3.5's widths (forward and backward 2-6x faster, same maths;
+    BENCHMARKS.md). fla's kernels take no chunk size: the layers' kernel wrappers drop it."""
     return {"chunk_size": 16} if device.type == "cpu" else {}
 
 
