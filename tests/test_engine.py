@@ -108,6 +108,54 @@ def test_qwen3_5_greedy_matches_hf_generate(policy, monkeypatch, cascade):
         torch.testing.assert_close(tracked[row, :k], ref_logits[row // 2, :k], rtol=1e-4, atol=1e-5)
 
 
+def test_update_falls_back_to_torch_where_the_delta_rule_kernel_refuses_backward(policy, monkeypatch, capsys):
+    """fla 0.6 refuses its gated backward on Hopper with Triton < 3.7.1 (it would be wrong there): the update then
+    runs transformers' torch delta rule, says so once, and gets the gradients the torch code gives."""
+    import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
+
+    class Refused(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results for gated "
+                               "chunk_bwd_dqkwg (see #640).")
+
+    torch_code = qwen3_5.torch_chunk_gated_delta_rule.__wrapped__
+
+    def kernel(*args, **kwargs):  # a kernel whose forward works and whose backward refuses
+        out, state = torch_code(*args, **kwargs)
+        return Refused.apply(out), state
+
+    kernel.__wrapped__ = torch_code
+    tok = policy[1].tokenizer
+    m = tiny.build_qwen3_5(tok)
+    p = tiny.build_qwen3_5_processor(tok, 64 * 64)
+    batch = model.encode(p, clips(2, seed=3), 64 * 64, model.chat_text(p, BOXED))
+    ids, _ = engine.reply_ids(tok, ["a short reply", "another reply, longer"] * 2)
+    rows = torch.tensor([0, 0, 1, 1])
+
+    def grads():
+        m.zero_grad()
+        engine.token_logprobs(m, batch, ids, prompt_of_row=rows).sum().backward()
+        return [w.grad.clone() for w in m.model.language_model.parameters() if w.grad is not None]
+
+    want = grads()
+    monkeypatch.setattr(qwen3_5, "torch_chunk_gated_delta_rule", kernel)
+    monkeypatch.setattr(engine, "_installed", lambda package: True)
+    monkeypatch.setattr(engine, "_UPDATE_RULE", {})
+    with pytest.raises(RuntimeError, match="#640"):  # the kernel as the update would otherwise meet it
+        kernel(*(torch.randn(1, 4, 2, 16, requires_grad=True) for _ in range(3)), g=-torch.rand(1, 4, 2),
+               beta=torch.rand(1, 4, 2))[0].sum().backward()
+    capsys.readouterr()
+    for _ in range(2):
+        got = grads()
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert capsys.readouterr().err.count("engine: the update runs the torch delta rule: fla's backward refuses") == 1
+
+
 def test_cascade_sampling_equals_the_expanded_cache(policy):
     """Same seed, same draws: the shared-prompt cache and the per-row copy give the same tokens and the same
     logits of the tracked tokens at every step."""

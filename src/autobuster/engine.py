@@ -717,13 +717,46 @@ def _packed_linear(forward, packed, hidden_states, attention_mask=None, cache_pa
     seqs, total, _ = hidden_states.shape
     plen = total - packed.blocks * packed.width
     states, chunks = _LinearStates(), _delta_rule_chunks(hidden_states.device)
-    prompt = forward(hidden_states[:, :plen] * packed.prompt[..., None].to(hidden_states.dtype), cache_params=states,
-                     **chunks)
-    states = _LinearStates(states.conv.repeat_interleave(packed.blocks, 0),
-                           states.recurrent.repeat_interleave(packed.blocks, 0))
-    own = forward(hidden_states[:, plen:].reshape(seqs * packed.blocks, packed.width, -1), cache_params=states,
-                  **chunks)
+    module = sys.modules[type(forward.__self__).__module__]
+    picked = module.torch_chunk_gated_delta_rule
+    module.torch_chunk_gated_delta_rule = _update_delta_rule(picked, hidden_states)
+    try:
+        prompt = forward(hidden_states[:, :plen] * packed.prompt[..., None].to(hidden_states.dtype),
+                         cache_params=states, **chunks)
+        states = _LinearStates(states.conv.repeat_interleave(packed.blocks, 0),
+                               states.recurrent.repeat_interleave(packed.blocks, 0))
+        own = forward(hidden_states[:, plen:].reshape(seqs * packed.blocks, packed.width, -1), cache_params=states,
+                      **chunks)
+    finally:
+        module.torch_chunk_gated_delta_rule = picked
     return torch.cat([prompt, own.reshape(seqs, packed.blocks * packed.width, -1)], 1)
+
+
+_UPDATE_RULE = {}
+
+
+def _update_delta_rule(picked, like: torch.Tensor):
+    """The chunked delta rule the update runs: the one transformers picked (fla's kernel, when installed), unless
+    its backward refuses this GPU, then transformers' torch code (`__wrapped__`), said once. fla 0.6 refuses its
+    gated backward on Hopper with Triton < 3.7.1, where it would be wrong; its forward, which the rollouts use, is
+    fine. Asked once per process and device, on a small case."""
+    key = (picked, like.device, like.dtype)
+    if key not in _UPDATE_RULE:
+        _UPDATE_RULE[key] = picked
+        if _installed("fla"):
+            gen = torch.Generator(like.device).manual_seed(0)
+            q, k, v = (torch.randn(1, 64, 2, 16, generator=gen, device=like.device).to(like.dtype).requires_grad_()
+                       for _ in range(3))
+            g, beta = -torch.rand(1, 64, 2, device=like.device), torch.rand(1, 64, 2, device=like.device)
+            try:
+                with torch.enable_grad():
+                    picked(q, k, v, g=g.requires_grad_(), beta=beta.to(like.dtype), use_qk_l2norm_in_kernel=True
+                           )[0].float().sum().backward()
+            except RuntimeError as e:
+                _UPDATE_RULE[key] = picked.__wrapped__
+                print(f"engine: the update runs the torch delta rule: fla's backward refuses this device "
+                      f"({str(e).strip().splitlines()[0][:200]})", file=sys.stderr)
+    return _UPDATE_RULE[key]
 
 
 def _delta_rule_chunks(device) -> dict:
