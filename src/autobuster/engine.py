@@ -745,7 +745,7 @@ def _update_delta_rule(picked, like: torch.Tensor):
         _UPDATE_RULE[key] = picked
         if _installed("fla"):
             gen = torch.Generator(like.device).manual_seed(0)
-            q, k, v = (torch.randn(1, 64, 2, 16, generator=gen, device=like.device).to(like.dtype).requires_grad_()
+            q, k, v = (torch.randn(1, 64, 2, 64, generator=gen, device=like.device).to(like.dtype).requires_grad_()
                        for _ in range(3))
             g, beta = -torch.rand(1, 64, 2, device=like.device), torch.rand(1, 64, 2, device=like.device)
             try:
