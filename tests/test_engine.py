@@ -45,27 +45,32 @@ def warm_up_then_eager(fn, state):
     return fn
 
 
-def early_end(plain, ends):
-    """A token prompt 0 writes early that prompt 1 has not written by then: as an end token it ends prompt 0's rows
-    at another step than prompt 1's, whatever the model learnt (`plain`: greedy completions without it)."""
-    def length(row):
-        return next((k for k, t in enumerate(row.tolist()) if t in ends), len(row))
-    return next(int(plain[0, k]) for k in range(1, length(plain[0])) if k != length(plain[1])
-                and int(plain[0, k]) not in plain[0, :k].tolist() + plain[1, :k + 1].tolist())
+def ending_apart(plain, ends):
+    """End tokens under which prompt 0's rows end at another step than prompt 1's, whatever the model learnt
+    (`plain`: their greedy replies, which must differ): `ends` where the replies already end apart, else with the
+    latest token of prompt 0's reply that ends its rows apart added (late, so that they decode for long)."""
+    def end(row, extra=()):  # the length of the completion, its end token included
+        return next((k + 1 for k, t in enumerate(row.tolist()) if t in ends or t in extra), len(row))
+    if end(plain[0]) != end(plain[1]):
+        return ends
+    return ends + [[t for t in plain[0, :end(plain[0])].tolist() if end(plain[0], [t]) != end(plain[1], [t])][-1]]
 
 
 def test_cascade_greedy_matches_hf_generate(policy, monkeypatch):
     """Shared-prompt decode, G rows per prompt, against Hugging Face generate on each prompt alone: prompts of
     different lengths (left padding), groups that end at different steps."""
     m, p = policy
-    pool, texts = clips(2, seed=4), [model.chat_text(p, ANSWER, "no_think"), model.chat_text(p, ANSWER)]
+    tok = p.tokenizer
+    # the second prompt has the warm start's reply begun (four tokens of it), so that the two greedy replies differ
+    # in length even where the warm start answers every clip alike: the groups end at their own end tokens
+    begun = tok.decode(tok(ANSWER.write(tiny.THOUGHT, "A")).input_ids[:4])
+    pool, texts = clips(2, seed=4), [model.chat_text(p, ANSWER, "no_think"), model.chat_text(p, ANSWER) + begun]
     batch = model.encode(p, [pool[0], pool[1], pool[0]], 56 * 56, texts + texts[:1])
     assert batch["attention_mask"].min() == 0 and engine.uses_cascade(m, 2) and not engine.uses_cascade(m, 1)
-    tok = p.tokenizer
     kw = dict(do_sample=False, max_new_tokens=40, pad_token_id=tok.pad_token_id,
               suppress_tokens=engine.banned_ids(tok))
     ends = engine.end_ids(tok)
-    ends = ends + [early_end(m.generate(**batch, eos_token_id=ends, **kw)[:, batch["input_ids"].shape[1]:], ends)]
+    ends = ending_apart(m.generate(**batch, eos_token_id=ends, **kw)[:, batch["input_ids"].shape[1]:], ends)
     monkeypatch.setattr(engine, "_graphed", warm_up_then_eager)  # the capture's warm-up steps, on a CPU
     ids, _ = engine.decode(m, batch, 2, 40, ends, engine.banned_ids(tok), tok.pad_token_id, greedy=True,
                            cascade=True, cuda_graph=True)
@@ -93,7 +98,7 @@ def test_qwen3_5_greedy_matches_hf_generate(policy, monkeypatch, cascade):
     kw = dict(do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id,
               suppress_tokens=engine.banned_ids(tok))
     plain = m.generate(**batch, eos_token_id=ends, **kw)[:, batch["input_ids"].shape[1]:]
-    ends = ends + [early_end(plain, ends)]
+    ends = ending_apart(plain, ends)
     ref = m.generate(**batch, eos_token_id=ends, output_logits=True, return_dict_in_generate=True, **kw)
     ref_logits = torch.stack(ref.logits, 1)[..., :64]  # the tokens' logits at every step, before any processing
     ref = ref.sequences[:, batch["input_ids"].shape[1]:]
