@@ -13,6 +13,7 @@ from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -375,13 +376,9 @@ def _fused_rotary(lm):
     Hugging Face's makes a dozen small ones per layer (the cascade's merge likewise: `_CascadeCache`). Same maths;
     compiled once per process, for any shape."""
     module = sys.modules[type(next(x.self_attn for x in lm.layers if hasattr(x, "self_attn"))).__module__]
-    eager = module.apply_rotary_pos_emb
-    if next(lm.parameters()).device.type == "cuda":
-        module.apply_rotary_pos_emb = _compiled(eager)
-    try:
+    with (patch.object(module, "apply_rotary_pos_emb", _compiled(module.apply_rotary_pos_emb))
+          if next(lm.parameters()).device.type == "cuda" else nullcontext()):
         yield
-    finally:
-        module.apply_rotary_pos_emb = eager
 
 
 _COMPILED = {}
@@ -448,14 +445,9 @@ def _fused_delta_rule(lm):
     """Without fla (whose fused kernel reads and writes the state once), the Gated DeltaNet layers decode with
     `_delta_rule_step`. No-op for a model without them."""
     mixer = next((x.linear_attn for x in lm.layers if hasattr(x, "linear_attn")), None)
-    module = sys.modules[type(mixer).__module__] if mixer is not None and not _installed("fla") else None
-    if module is not None:
-        eager, module.torch_recurrent_gated_delta_rule = module.torch_recurrent_gated_delta_rule, _delta_rule_step
-    try:
+    with (patch.object(sys.modules[type(mixer).__module__], "torch_recurrent_gated_delta_rule", _delta_rule_step)
+          if mixer is not None and not _installed("fla") else nullcontext()):
         yield
-    finally:
-        if module is not None:
-            module.torch_recurrent_gated_delta_rule = eager
 
 
 @torch.no_grad()
@@ -718,17 +710,14 @@ def _packed_linear(forward, packed, hidden_states, attention_mask=None, cache_pa
     plen = total - packed.blocks * packed.width
     states, chunks = _LinearStates(), _delta_rule_chunks(hidden_states.device)
     module = sys.modules[type(forward.__self__).__module__]
-    picked = module.torch_chunk_gated_delta_rule
-    module.torch_chunk_gated_delta_rule = _update_delta_rule(picked, hidden_states)
-    try:
+    rule = _update_delta_rule(module.torch_chunk_gated_delta_rule, hidden_states)
+    with patch.object(module, "torch_chunk_gated_delta_rule", rule):
         prompt = forward(hidden_states[:, :plen] * packed.prompt[..., None].to(hidden_states.dtype),
                          cache_params=states, **chunks)
         states = _LinearStates(states.conv.repeat_interleave(packed.blocks, 0),
                                states.recurrent.repeat_interleave(packed.blocks, 0))
         own = forward(hidden_states[:, plen:].reshape(seqs * packed.blocks, packed.width, -1), cache_params=states,
                       **chunks)
-    finally:
-        module.torch_chunk_gated_delta_rule = picked
     return torch.cat([prompt, own.reshape(seqs, packed.blocks * packed.width, -1)], 1)
 
 
