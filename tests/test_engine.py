@@ -1,6 +1,9 @@
 """The engine against Hugging Face: greedy generation token for token, log-probs against a full forward,
 and the model loading paths (4-bit on CPU, 4 fps temporal positions)."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,13 +38,14 @@ def test_greedy_matches_hf_generate(policy):
             assert ours.ids[i, :k].tolist() == ref[i, :k].tolist()
 
 
-def warm_up_then_eager(fn, state):
+def warm_up_then_eager(fn, state, restart):
     """`_graphed` on a CPU: the two warm-up steps a CUDA-graph capture runs, the state restored, then plain steps.
-    A tensor a decode step changes that is missing from `state` shows as wrong tokens."""
+    A tensor a decode step changes that neither `state` nor `restart` restores shows as wrong tokens."""
     saved = [t.clone() for t in state]
     fn(), fn()
     for t, s in zip(state, saved):
         t.copy_(s)
+    restart()
     return fn
 
 
@@ -111,6 +115,37 @@ def test_qwen3_5_greedy_matches_hf_generate(policy, monkeypatch, cascade):
         assert ids[row, :k].tolist() == ref[row // 2, :k].tolist()
         # the logits too: a row decoding from another prompt's states could still pick the same tokens
         torch.testing.assert_close(tracked[row, :k], ref_logits[row // 2, :k], rtol=1e-4, atol=1e-5)
+
+
+TRITON_STEP = """
+import torch
+import transformers.models.qwen3_5.modeling_qwen3_5 as qwen3_5
+from autobuster import kernels
+torch.manual_seed(0)
+for rows, key_heads, heads, kd, vd in ((3, 2, 4, 16, 16), (2, 1, 2, 32, 64)):
+    state = torch.randn(rows, heads, kd, vd) * 0.3
+    want = state.clone()
+    for step in range(3):
+        q, k = (torch.randn(rows, 1, key_heads, kd) for _ in range(2))
+        v = torch.randn(rows, 1, heads, vd)
+        g, beta = -torch.rand(rows, 1, heads), torch.rand(rows, 1, heads)
+        out, want = qwen3_5.torch_recurrent_gated_delta_rule.__wrapped__(
+            q, k, v, g=g, beta=beta, initial_state=want, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        got, same = kernels.delta_rule_step(q, k, v, g, beta, state)
+        assert same is state
+        torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, want, rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_triton_decode_step_matches_transformers_recurrent_rule():
+    """The GPU decode step's Triton kernel, run by Triton's interpreter on the CPU, against transformers' torch
+    recurrent delta rule, token after token: grouped value heads, two widths, the state updated in place."""
+    pytest.importorskip("triton")
+    r = subprocess.run([sys.executable, "-c", TRITON_STEP], env=os.environ | {"TRITON_INTERPRET": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
 def test_update_falls_back_to_torch_where_the_delta_rule_kernel_refuses_backward(policy, monkeypatch, capsys):

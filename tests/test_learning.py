@@ -79,7 +79,7 @@ def test_the_tiny_qwen3_5_trains_and_is_scored_in_the_2026_format(qwen3_5_home, 
            "AUTOBUSTER_TIME_BUDGET": "8"}
     r = subprocess.run([sys.executable, "train_dapo.py"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "Qwen3.5 (boxed format, delta rule torch, conv torch)" in r.stdout
+    assert "Qwen3.5 (boxed format, delta rule torch, conv torch, decode step torch)" in r.stdout
     assert "f1" in parse_summary(r.stdout)
     steps = [json.loads(line) for line in open(tmp_path / "run" / "train.jsonl")]
     assert steps and steps[0]["format_rate"] > 0.5  # the warm start writes the 2026 format (0.80-0.97 sampled at 1)

@@ -45,12 +45,14 @@ def end_ids(tokenizer) -> list[int]:
 
 
 def linear_attention_kernels(model) -> str:
-    """What transformers runs Gated DeltaNet layers with (it imports each package when installed, else falls back
-    to its slow torch code): the delta rule from fla, the short convolution from causal_conv1d. "" without them."""
+    """What Gated DeltaNet layers run with: transformers' choice (each package when installed, else its slow torch
+    code) for the chunked delta rule (fla) and the short convolution (causal_conv1d), and the decode step's delta
+    rule (`_decode_delta_rule`). "" without such layers."""
     if "linear_attention" not in (unwrap(model).config.get_text_config().layer_types or ()):
         return ""
+    step = "triton" if next(unwrap(model).parameters()).device.type == "cuda" else "torch"
     return ", ".join(f"{what} {pkg if _installed(pkg) else 'torch'}"
-                     for what, pkg in (("delta rule", "fla"), ("conv", "causal_conv1d")))
+                     for what, pkg in (("delta rule", "fla"), ("conv", "causal_conv1d"))) + f", decode step {step}"
 
 
 def _installed(package: str) -> bool:
@@ -148,7 +150,8 @@ class _StaticCache:
     def __init__(self, prefill, attention, num_samples: int, room: int):
         self.prompt_len = attention.shape[1]
         self.pos = torch.zeros(1, dtype=torch.long, device=attention.device)
-        self.keys, self.values, self.states = [], [], _linear_states(prefill, num_samples)
+        self.keys, self.values = [], []
+        self.states, self.restart = _linear_states(prefill, num_samples)
         for i, layer in enumerate(prefill.layers):
             if i in self.states:
                 self.keys.append(None)
@@ -162,9 +165,7 @@ class _StaticCache:
         self.mask = torch.zeros(len(attention) * num_samples, 1, 1, self.prompt_len + room, dtype=torch.bool,
                                 device=attention.device)
         self.mask[:, 0, 0, :self.prompt_len] = attention.bool().repeat_interleave(num_samples, 0)
-        # what a decode step changes besides the keys and values (`_graphed` restores it after its warm-up steps; a
-        # recurrent state, unlike a key, cannot be hidden from the next step by the mask)
-        self.state = [self.pos, self.mask, *(t for pair in self.states.values() for t in pair)]
+        self.state = [self.pos, self.mask]  # what a step changes but the keys, values and `states`
 
     def advance(self, step):
         """Before the layers of a step: the token chosen at `step` is written, and seen, at its place."""
@@ -190,11 +191,20 @@ class _StaticCache:
         return False
 
 
-def _linear_states(prefill, num_samples: int) -> dict[int, list[torch.Tensor]]:
-    """{layer: [convolution state, recurrent state]} of the linear-attention layers (Qwen3.5's Gated DeltaNet), each
-    prompt's copied to its G rows: a recurrent state is all such a layer keeps, and each row changes its own."""
-    return {i: [x[0].repeat_interleave(num_samples, 0) for x in (layer.conv_states, layer.recurrent_states)]
-            for i, layer in enumerate(prefill.layers) if hasattr(layer, "recurrent_states")}
+def _linear_states(prefill, num_samples: int):
+    """({layer: [convolution state, recurrent state]} of the linear-attention layers (Qwen3.5's Gated DeltaNet),
+    each prompt's copied to its G rows, as a recurrent state is all such a layer keeps and each row changes its own;
+    a function that copies the prompts' states to the rows again, for `_graphed`: they are G times smaller to keep
+    than a copy of the rows' (3.3 GB at 8 x 8 rows at 4B))."""
+    prompts = {i: [x[0] for x in (layer.conv_states, layer.recurrent_states)]
+               for i, layer in enumerate(prefill.layers) if hasattr(layer, "recurrent_states")}
+    rows = {i: [x.repeat_interleave(num_samples, 0) for x in pair] for i, pair in prompts.items()}
+
+    def restart():
+        for i, pair in prompts.items():
+            for row, prompt in zip(rows[i], pair):
+                row.view(len(prompt), num_samples, *prompt.shape[1:]).copy_(prompt[:, None])
+    return rows, restart
 
 
 class _CascadeCache(_StaticCache):
@@ -210,7 +220,7 @@ class _CascadeCache(_StaticCache):
     def __init__(self, prefill, attention, num_samples: int, room: int, attend, chunks: int | None = None):
         self.attend, self.pos = attend, torch.zeros(1, dtype=torch.long, device=attention.device)
         self.merge = _compiled(_merge) if attention.device.type == "cuda" else _merge  # one kernel, not ten
-        self.states = _linear_states(prefill, num_samples)
+        self.states, self.restart = _linear_states(prefill, num_samples)
         prompts, plen = attention.shape
         first = next(x for i, x in enumerate(prefill.layers) if i not in self.states)  # an attention layer's cache
         kv, dtype = first.keys.shape[1], first.keys.dtype
@@ -237,7 +247,7 @@ class _CascadeCache(_StaticCache):
         self.prompt_bias = padded.view(prompts * chunks, 1, 1, piece)
         self.bias = torch.full((1, 1, 1, room), low, dtype=bias.dtype, device=attention.device)
         self.mask = self
-        self.state = [self.pos, self.bias, *(t for pair in self.states.values() for t in pair)]
+        self.state = [self.pos, self.bias]
 
     def advance(self, step):
         self.pos.copy_(step)
@@ -390,16 +400,16 @@ def _compiled(fn):
     if fn not in _COMPILED:
         use = [torch.compile(fn, dynamic=True)]
 
-        def run(*args):
+        def run(*args, **kwargs):
             try:
-                return use[0](*args)
+                return use[0](*args, **kwargs)
             except Exception as e:
                 if use[0] is fn:
                     raise
                 print(f"engine: torch.compile of {fn.__name__} failed ({str(e).strip().splitlines()[0][:160]}); "
                       "it runs uncompiled", file=sys.stderr)
                 use[0] = fn
-                return fn(*args)
+                return fn(*args, **kwargs)
         _COMPILED[fn] = run
     return _COMPILED[fn]
 
@@ -440,13 +450,22 @@ def _delta_rule_step(query, key, value, g, beta, initial_state, **kwargs):
     return out[:, None].to(query.dtype), state
 
 
+def _decode_delta_rule(device):
+    """What the Gated DeltaNet layers decode one token with: on a GPU the Triton kernel of `kernels` (the state
+    read and written once, in place), elsewhere `_delta_rule_step`."""
+    if device.type == "cuda":
+        from .kernels import delta_rule_step
+        return delta_rule_step
+    return _delta_rule_step
+
+
 @contextmanager
 def _fused_delta_rule(lm):
-    """Without fla (whose fused kernel reads and writes the state once), the Gated DeltaNet layers decode with
-    `_delta_rule_step`. No-op for a model without them."""
+    """The Gated DeltaNet layers decode with `_decode_delta_rule`'s step, not transformers' (fla's, which returns a
+    new state for the cache to copy back, or its torch fallback). No-op for a model without them."""
     mixer = next((x.linear_attn for x in lm.layers if hasattr(x, "linear_attn")), None)
-    with (patch.object(sys.modules[type(mixer).__module__], "torch_recurrent_gated_delta_rule", _delta_rule_step)
-          if mixer is not None and not _installed("fla") else nullcontext()):
+    with (patch.object(sys.modules[type(mixer).__module__], "torch_recurrent_gated_delta_rule",
+                       _decode_delta_rule(next(lm.parameters()).device)) if mixer is not None else nullcontext()):
         yield
 
 
@@ -512,7 +531,7 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
           attention_as(lm.config, CASCADE) if cascade else nullcontext()):
         run = step_fn
         if max_new_tokens > 1 and ((device.type == "cuda") if cuda_graph is None else cuda_graph):
-            run = _graphed(step_fn, [ids, tracked, done, step, *cache.state])
+            run = _graphed(step_fn, [ids, tracked, done, step, *cache.state], cache.restart)
         every = EXIT_CHECK_EVERY if device.type == "cuda" else 1
         for t in range(1, max_new_tokens):
             if t % every == 0 and len(ends) and bool(done.all()):
@@ -522,11 +541,12 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
     return ids[:, :n], (tracked[:, :n].cpu() if track_ids else None)
 
 
-def _graphed(fn, state: list[torch.Tensor]):
+def _graphed(fn, state: list[torch.Tensor], restart):
     """`fn` captured as a CUDA graph. Capture needs warm-up runs, which change the state tensors: they are
-    saved first and restored after. The KV cache is left out of `state` (a copy of it would double the rollout's
-    peak memory): the warm-up runs write keys and values at positions that the restored mask hides and that the
-    decode steps overwrite before they read them."""
+    saved first and restored after, and `restart()` restores the linear-attention states (a recurrent state,
+    unlike a key, cannot be hidden from the next step by the mask). The KV cache is left out (a copy of it would
+    double the rollout's peak memory): the warm-up runs write keys and values at positions that the restored mask
+    hides and that the decode steps overwrite before they read them."""
     saved = [t.clone() for t in state]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -539,6 +559,7 @@ def _graphed(fn, state: list[torch.Tensor]):
         fn()
     for t, s in zip(state, saved):
         t.copy_(s)
+    restart()
     return graph.replay
 
 
