@@ -50,7 +50,8 @@ def linear_attention_kernels(model) -> str:
     rule (`_decode_delta_rule`). "" without such layers."""
     if "linear_attention" not in (unwrap(model).config.get_text_config().layer_types or ()):
         return ""
-    step = "triton" if next(unwrap(model).parameters()).device.type == "cuda" else "torch"
+    step = ("triton" if _decode_delta_rule(next(unwrap(model).parameters()).device)
+            else "fla" if _installed("fla") else "torch")
     return ", ".join(f"{what} {pkg if _installed(pkg) else 'torch'}"
                      for what, pkg in (("delta rule", "fla"), ("conv", "causal_conv1d"))) + f", decode step {step}"
 
@@ -430,42 +431,25 @@ def _fused_rms_norm(lm, offset: float = 0.0):
             del m.forward
 
 
-def _delta_rule_step(query, key, value, g, beta, initial_state, **kwargs):
-    """One decode token of the gated delta rule (Qwen3.5's linear attention) with the recurrent state updated in
-    place, where Hugging Face's torch fallback makes four state-sized temporaries and the cache copies the result
-    back: the state is most of what a 4B decode step reads (BENCHMARKS.md). Same maths, reordered so that one
-    batched matmul reads the state once for both S^T k and S^T q: with S' = e^g S + k delta^T, S'^T q is
-    e^g S^T q + (k.q) delta. Inputs as the layer gives them, [rows, 1, heads, dim] (q and k l2-normed here, as
-    Qwen3.5's layers always ask); the state [rows, value heads, key dim, value dim] in fp32."""
-    state = initial_state
-    rows, heads, k_dim, v_dim = state.shape
-    q, k = (x[:, 0].float() * torch.rsqrt(x[:, 0].float().square().sum(-1, keepdim=True) + 1e-6)  # fla's l2norm
-            for x in (query, key))
-    q, k = (x.repeat_interleave(heads // x.shape[1], 1) for x in (q * k_dim ** -0.5, k))  # grouped value heads
-    decay = g[:, 0].float().exp()[..., None]  # [rows, heads, 1]
-    read = (torch.stack([k, q], 2).flatten(0, 1) @ state.flatten(0, 1)).view(rows, heads, 2, v_dim)
-    delta = (value[:, 0].float() - decay * read[:, :, 0]) * beta[:, 0].float()[..., None]
-    out = decay * read[:, :, 1] + (k * q).sum(-1, keepdim=True) * delta
-    state.mul_(decay[..., None]).addcmul_(k[..., :, None], delta[..., None, :])
-    return out[:, None].to(query.dtype), state
-
-
 def _decode_delta_rule(device):
-    """What the Gated DeltaNet layers decode one token with: on a GPU the Triton kernel of `kernels` (the state
-    read and written once, in place), elsewhere `_delta_rule_step`."""
-    if device.type == "cuda":
+    """What the Gated DeltaNet layers decode one token with in place of transformers' step (fla's fused kernel,
+    which returns a new state for the cache to copy back, or its torch code with four state-sized temporaries): on
+    a GPU with Triton, the kernel of `kernels` (the state read and written once, in place); elsewhere None, and
+    transformers' own step runs (on a CPU the states are small)."""
+    if device.type == "cuda" and _installed("triton"):
         from .kernels import delta_rule_step
         return delta_rule_step
-    return _delta_rule_step
+    return None
 
 
 @contextmanager
 def _fused_delta_rule(lm):
-    """The Gated DeltaNet layers decode with `_decode_delta_rule`'s step, not transformers' (fla's, which returns a
-    new state for the cache to copy back, or its torch fallback). No-op for a model without them."""
+    """The Gated DeltaNet layers decode with `_decode_delta_rule`'s step where it gives one. No-op for a model
+    without them."""
     mixer = next((x.linear_attn for x in lm.layers if hasattr(x, "linear_attn")), None)
-    with (patch.object(sys.modules[type(mixer).__module__], "torch_recurrent_gated_delta_rule",
-                       _decode_delta_rule(next(lm.parameters()).device)) if mixer is not None else nullcontext()):
+    step = _decode_delta_rule(next(lm.parameters()).device)
+    with (patch.object(sys.modules[type(mixer).__module__], "torch_recurrent_gated_delta_rule", step)
+          if mixer is not None and step is not None else nullcontext()):
         yield
 
 

@@ -1,6 +1,6 @@
 """A Triton kernel for the one decode-step operation no installed library does in one pass: a Qwen3.5 Gated
 DeltaNet layer's recurrent-state update. The fp32 states are most of the bytes a 4B decode step moves (6.6 GB of
-its ~16 GB at 8 x 8 rows), and torch needs five passes over them: 0.4-0.7 ms per layer at 4B shapes on an H200,
+its ~16 GB at 8 x 8 rows), and a torch step needs five passes over them: 0.4-0.7 ms per layer at 4B shapes on an H200,
 where reading and writing a state once takes 0.06 ms; this kernel takes 0.09 ms (BENCHMARKS.md). fla's fused kernel
 returns a new state, which the cache then copies back. Here each program holds a [key dim, BV] tile of one row's
 state and head in registers: read once, updated, written in place once."""
