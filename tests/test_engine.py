@@ -4,6 +4,7 @@ import copy
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -375,19 +376,27 @@ def test_sampling_follows_the_softmax(policy):
     assert ((freq - prob).abs() <= 5 * (prob * (1 - prob) / n).sqrt() + 1e-3).all()
 
 
-def test_rollouts_see_the_lora_weights_and_leave_the_base_intact(policy):
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3.5"])
+def test_rollouts_see_the_lora_weights_and_leave_the_base_intact(policy, family):
+    """Decoding with the adapter merged, its q/k/v, gate/up (and Qwen3.5's in_proj_qkv/z) projections each one
+    matmul (`engine.merged_lora`): token for token Hugging Face's generate through peft, base weights untouched."""
     from peft import LoraConfig, get_peft_model
     m, p = policy
+    if family == "qwen3.5":
+        m, p = tiny.build_qwen3_5(p.tokenizer).eval(), tiny.build_qwen3_5_processor(p.tokenizer, 64 * 64)
     torch.manual_seed(0)  # the adapter's random weights
     # every linear layer of the language model: with a thought of distinct words a warm-started model can write it
     # from the current token alone, so an adapter on q_proj / v_proj only has been seen to change nothing
-    peft_model = get_peft_model(copy.deepcopy(m), LoraConfig(r=4, target_modules=r".*language_model.*_proj"))
+    peft_model = get_peft_model(copy.deepcopy(m), LoraConfig(r=4, target_modules=r".*language_model.*_(proj|qkv|z)"))
     for name, w in peft_model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(w, std=0.5)  # peft starts B at zero: make the adapter change the outputs
     before = {k: v.clone() for k, v in peft_model.state_dict().items()}
-    batch = model.encode(p, clips(3, seed=7), 56 * 56, model.chat_text(p, ANSWER))
-    ours = engine.generate(peft_model, p, batch, greedy=True, max_new_tokens=16)
+    fmt = BOXED if family == "qwen3.5" else ANSWER
+    batch = model.encode(p, clips(3, seed=7), 56 * 56, model.chat_text(p, fmt))
+    with mock.patch.object(engine, "_fuse", wraps=engine._fuse) as fuse:
+        ours = engine.generate(peft_model, p, batch, greedy=True, max_new_tokens=16)
+    assert fuse.call_count == 2 * len(m.model.language_model.layers)  # each layer's mixer and MLP
     ref = peft_model.generate(**batch, do_sample=False, max_new_tokens=16, eos_token_id=engine.end_ids(p.tokenizer),
                               pad_token_id=p.tokenizer.pad_token_id, suppress_tokens=engine.banned_ids(p.tokenizer))
     ref = ref[:, batch["input_ids"].shape[1]:]
@@ -477,3 +486,31 @@ def test_batched_vision_windows_match_the_hf_tower():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     lengths = {int(s[2]) for s in calls}
     assert len(lengths) > 1 and len(calls) <= 4 * len(lengths)  # a call per window length and layer, not per window
+
+
+def test_odd_width_vision_layers_run_padded_with_the_same_result():
+    """Qwen2.5-VL's vision MLP is 3,420 wide, not a multiple of 8 (cuBLAS's slow kernels in bf16): the engine runs
+    such layers with zero-padded weights (`engine._aligned_widths`). Values and gradients equal the plain tower's."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VisionTransformerPretrainedModel,
+                                                                    Qwen2_5_VLVisionConfig)
+    torch.manual_seed(0)
+    config = Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=60, num_heads=2, out_hidden_size=48,
+                                    fullatt_block_indexes=[1], window_size=112)
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config).float()
+    grid = torch.tensor([[2, 4, 4], [2, 8, 12]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
+    mlp = tower.blocks[0].mlp
+    params = [mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.down_proj.weight, tower.patch_embed.proj.weight]
+
+    def run():
+        out = tower(pixels, grid_thw=grid).pooler_output
+        return out, *torch.autograd.grad(out.square().sum(), params)
+
+    ref = run()
+    linear = torch.nn.functional.linear
+    with engine._aligned_widths(tower), mock.patch.object(torch.nn.functional, "linear", wraps=linear) as calls:
+        ours = run()
+    assert {tuple(c.args[1].shape) for c in calls.call_args_list} >= {(64, 32), (32, 64)}  # 60 padded to 64
+    assert mlp.forward.__func__ is type(mlp).forward and "forward" not in mlp.down_proj.__dict__  # restored
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -116,9 +116,31 @@ def video_features(model, batch, prompts: list[int] | None = None) -> dict[int, 
     grid = batch["video_grid_thw"]
     pixels = batch["pixel_values_videos"].split(grid.prod(-1).tolist())
     core = unwrap(model).model
-    with attention_as(core.visual.config, WINDOWS):
+    with attention_as(core.visual.config, WINDOWS), _aligned_widths(core.visual):
         out = core.get_video_features(torch.cat([pixels[i] for i in prompts]), grid[prompts], return_dict=True)
     return dict(zip(prompts, out.pooler_output))
+
+
+@contextmanager
+def _aligned_widths(module):
+    """The linear layers of `module` with a width not a multiple of 8 (16 bytes in bf16) computed with their
+    odd widths zero-padded to multiples of 64 (the input padded likewise, the output cut back): the same sums, on
+    cuBLAS's aligned kernels. Qwen2.5-VL's vision MLP is 3,420 wide (6,840 bytes a row): its matmuls ran on sm80 fallback kernels at 2.2-2.6
+    ms each, a fifth of a 7B rollout's prefill (BENCHMARKS.md)."""
+    odd = [m for m in module.modules() if isinstance(m, torch.nn.Linear) and (m.in_features % 8 or m.out_features % 8)]
+    for m in odd:
+        m.forward = partial(_padded_linear, m)
+    try:
+        yield
+    finally:
+        for m in odd:
+            del m.forward
+
+
+def _padded_linear(m, x):
+    wide, tall = (-n % 64 if n % 8 else 0 for n in (m.in_features, m.out_features))
+    bias = None if m.bias is None else F.pad(m.bias, (0, tall))
+    return F.linear(F.pad(x, (0, wide)), F.pad(m.weight, (0, wide, 0, tall)), bias)[..., :m.out_features]
 
 
 def _inputs(core, batch, features, rows=None, ids=None):
@@ -360,25 +382,80 @@ def uses_cascade(model, num_samples: int) -> bool:
             and not getattr(lm.config, "use_sliding_window", False) and attend_with_lse(p.device, p.dtype) is not None)
 
 
+# Projections of one input, in the order the layers call them (Qwen2.5-VL's and Qwen3.5's attention, MLPs and Gated
+# DeltaNet mixers): merged, each group is one matmul while decoding.
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("in_proj_qkv", "in_proj_z"))
+
+
 @contextmanager
 def merged_lora(model):
     """LoRA folded into fresh copies of the base weights while decoding: one matmul per layer instead of three.
-    The original tensors are put back afterwards (merging and unmerging in place would drift in bf16). 4-bit
-    weights stay unmerged."""
+    Where every projection of a group in FUSED has an adapter, the group's merged weights are written side by side
+    into one tensor and computed in one matmul (`_fuse`): fewer, larger kernels for the same memory. The
+    original tensors are put back afterwards (merging and unmerging in place would drift in bf16). 4-bit weights
+    stay unmerged."""
     from peft.tuners.lora import LoraLayer
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged
               and isinstance(m.base_layer, torch.nn.Linear) and m.base_layer.weight.is_floating_point()
               and m.active_adapters]
-    saved = [m.base_layer.weight.data for m in layers]
+    saved = {m: m.base_layer.weight.data for m in layers}
+    groups = [[getattr(parent, n) for n in names] for parent in model.modules() for names in FUSED
+              if all(getattr(parent, n, None) in saved for n in names)]
+    fused, members = [], {m for group in groups for m in group}
     try:
-        for m, w in zip(layers, saved):
-            m.base_layer.weight.data = w + sum(m.get_delta_weight(a) for a in m.active_adapters).to(w.dtype)
+        for group in groups:  # the group's weight first, its members' merged weights written into their rows
+            bases = [m.base_layer for m in group]
+            weight = bases[0].weight.new_empty(sum(b.out_features for b in bases), bases[0].in_features)
+            for b, rows in zip(bases, weight.split([b.out_features for b in bases])):
+                b.weight.data = rows
+            fused.append(weight)
+        for m, w in saved.items():
+            with torch.no_grad():
+                delta = sum(m.get_delta_weight(a) for a in m.active_adapters).to(w.dtype)
+                if m in members:
+                    torch.add(w, delta, out=m.base_layer.weight.data)
+                else:
+                    m.base_layer.weight.data = w + delta
             m.merged_adapters = list(m.active_adapters)
+        for group, weight in zip(groups, fused):
+            _fuse(group, weight)
         yield
     finally:
-        for m, w in zip(layers, saved):
+        for m in members:
+            m.__dict__.pop("forward", None)
+        for m, w in saved.items():
             m.base_layer.weight.data = w
             m.merged_adapters = []
+
+
+def _fuse(group, weight):
+    """The group's first projection computes all of them in one matmul with `weight` (theirs side by side) and
+    returns its part; each later one returns its part of that result when called on the same input (the layer
+    calls them in FUSED's order), and computes its own otherwise. The parts are let go once taken: a prefill's
+    would hold 9 GB at 7B."""
+    bases = [m.base_layer for m in group]
+    bias = (torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
+            if any(b.bias is not None for b in bases) else None)
+    last = {}  # the first projection's last input and the parts not yet taken
+
+    def first(x):
+        parts = F.linear(x, weight, bias).split([b.out_features for b in bases], -1)
+        last.update(x=x, parts=list(parts))
+        return parts[0]
+
+    def later(i, own):
+        def forward(x):
+            if last.get("x") is not x or last["parts"][i] is None:
+                return own(x)
+            part, last["parts"][i] = last["parts"][i], None
+            if all(p is None for p in last["parts"][1:]):
+                last.clear()
+            return part
+        return forward
+
+    group[0].forward = first
+    for i, m in enumerate(group[1:], 1):
+        m.forward = later(i, m.forward)
 
 
 @contextmanager
