@@ -123,10 +123,10 @@ def video_features(model, batch, prompts: list[int] | None = None) -> dict[int, 
 
 @contextmanager
 def _aligned_widths(module):
-    """The linear layers of `module` with a width not a multiple of 8 (16 bytes in bf16) computed with their
-    odd widths zero-padded to multiples of 64 (the input padded likewise, the output cut back): the same sums, on
-    cuBLAS's aligned kernels. Qwen2.5-VL's vision MLP is 3,420 wide (6,840 bytes a row): its matmuls ran on sm80 fallback kernels at 2.2-2.6
-    ms each, a fifth of a 7B rollout's prefill (BENCHMARKS.md)."""
+    """The linear layers of `module` with a width that is not a multiple of 8 (16 bytes in bf16) run with that
+    width zero-padded to a multiple of 64 (weights and input; the output cut back): the same sums, on cuBLAS's
+    aligned kernels. Qwen2.5-VL's vision MLP is 3,420 wide: its matmuls ran on sm80 fallback kernels at 2.2-2.6 ms
+    each, a fifth of a 7B rollout's prefill (BENCHMARKS.md)."""
     odd = [m for m in module.modules() if isinstance(m, torch.nn.Linear) and (m.in_features % 8 or m.out_features % 8)]
     for m in odd:
         m.forward = partial(_padded_linear, m)
