@@ -308,16 +308,22 @@ def _cascade_attention(module, query, key, value, attention_mask, scaling=None, 
     q = query.reshape(prompts, 1, group, kv, per, dim).transpose(2, 3).expand(-1, chunks, -1, -1, -1, -1)
     out_p, lse_p = cache.attend(q.reshape(prompts * chunks, kv, group * per, dim), prompt_k, prompt_v,
                                 cache.prompt_bias, scaling)
-    out_p = out_p.reshape(prompts, chunks, kv, group, per, dim).permute(1, 0, 3, 2, 4, 5).reshape(chunks, rows, kv,
-                                                                                                  per, dim)
-    lse_p = lse_p.reshape(prompts, chunks, kv, group, per).permute(1, 0, 3, 2, 4).reshape(chunks, rows, kv, per)
     out_c, lse_c = cache.attend(query.reshape(rows, kv, per, dim), own_k, own_v, cache.bias, scaling)
     return cache.merge(out_p, lse_p, out_c, lse_c).reshape(rows, 1, heads, dim), None
 
 
 def _merge(out_p, lse_p, out_c, lse_c):
     """Attention over the union of key sets from each set's output and log-sum-exp: softmax over all the parts =
-    sum_i e^lse_i out_i / sum_i e^lse_i. out_p [chunks, ...], out_c [...]."""
+    sum_i e^lse_i out_i / sum_i e^lse_i. out_c [rows, kv heads, per, dim] and lse_c [rows, kv heads, per] of each
+    row's own part; out_p [prompts x chunks, kv heads, group x per, dim] and lse_p of the prompt pieces, as the
+    kernel returns them: put in the rows' order here, where compiling folds the reordering into the merge."""
+    rows, kv, per, dim = out_c.shape
+    group = out_p.shape[2] // per
+    prompts = rows // group
+    chunks = len(out_p) // prompts
+    out_p = out_p.reshape(prompts, chunks, kv, group, per, dim).permute(1, 0, 3, 2, 4, 5).reshape(chunks, rows, kv,
+                                                                                                  per, dim)
+    lse_p = lse_p.reshape(prompts, chunks, kv, group, per).permute(1, 0, 3, 2, 4).reshape(chunks, rows, kv, per)
     share = torch.cat([lse_p, lse_c[None]]).softmax(0).unsqueeze(-1)
     return (share * torch.cat([out_p.float(), out_c.float()[None]])).sum(0).to(out_c.dtype)
 
