@@ -599,6 +599,7 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
         run = step_fn
         if max_new_tokens > 1 and ((device.type == "cuda") if cuda_graph is None else cuda_graph):
             run = _graphed(step_fn, [ids, tracked, done, step, *cache.state], cache.restart)
+            cache.restart = None  # and with it the prompts' linear-attention states, needed no more (0.4 GB at 4B)
         every = EXIT_CHECK_EVERY if device.type == "cuda" else 1
         for t in range(1, max_new_tokens):
             if t % every == 0 and len(ends) and bool(done.all()):
