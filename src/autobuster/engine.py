@@ -122,19 +122,33 @@ def video_features(model, batch, prompts: list[int] | None = None) -> dict[int, 
 
 
 @contextmanager
+def _forwards(patches: dict):
+    """Each module of `patches` runs the function given for it for a while (an instance attribute, as peft and
+    accelerate set theirs); whatever the instance had before is put back after."""
+    before = {m: m.__dict__.get("forward") for m in patches}
+    for m, forward in patches.items():
+        m.forward = forward
+    try:
+        yield
+    finally:
+        for m, forward in before.items():
+            if forward is None:
+                del m.forward
+            else:
+                m.forward = forward
+
+
+@contextmanager
 def _aligned_widths(module):
     """The linear layers of `module` with a width that is not a multiple of 8 (16 bytes in bf16) run with that
     width zero-padded to a multiple of 64 (weights and input; the output cut back): the same sums, on cuBLAS's
     aligned kernels. Qwen2.5-VL's vision MLP is 3,420 wide: its matmuls ran on sm80 fallback kernels at 2.2-2.6 ms
-    each, a fifth of a 7B rollout's prefill (BENCHMARKS.md)."""
-    odd = [m for m in module.modules() if isinstance(m, torch.nn.Linear) and (m.in_features % 8 or m.out_features % 8)]
-    for m in odd:
-        m.forward = partial(_padded_linear, m)
-    try:
+    each, a fifth of a 7B rollout's prefill (BENCHMARKS.md). Only without gradients (the frozen tower): a block
+    checkpointed in backward would be recomputed after this context, unpadded."""
+    odd = [m for m in module.modules() if type(m) is torch.nn.Linear and m.weight.is_floating_point()
+           and (m.in_features % 8 or m.out_features % 8)] if not torch.is_grad_enabled() else []
+    with _forwards({m: partial(_padded_linear, m) for m in odd}):
         yield
-    finally:
-        for m in odd:
-            del m.forward
 
 
 def _padded_linear(m, x):
@@ -395,13 +409,13 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("in_proj_qkv
 
 @contextmanager
 def merged_lora(model):
-    """LoRA folded into fresh copies of the base weights while decoding: one matmul per layer instead of three.
-    Where every projection of a group in FUSED has an adapter, the group's merged weights are written side by side
-    into one tensor and computed in one matmul (`_fuse`): fewer, larger kernels for the same memory. The
-    original tensors are put back afterwards (merging and unmerging in place would drift in bf16). 4-bit weights
-    stay unmerged."""
+    """LoRA folded into fresh copies of the base weights while decoding: one matmul per projection instead of
+    three (base, A, B). Where every projection of a group in FUSED has an adapter, the group's merged weights are
+    written side by side into one tensor and computed in one matmul (`_fuse`): fewer, larger kernels for the same
+    memory. The original tensors are put back afterwards (merging and unmerging in place would drift in bf16).
+    4-bit weights and switched-off adapters stay unmerged."""
     from peft.tuners.lora import LoraLayer
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and not m.merged and not m.disable_adapters
               and isinstance(m.base_layer, torch.nn.Linear) and m.base_layer.weight.is_floating_point()
               and m.active_adapters]
     saved = {m: m.base_layer.weight.data for m in layers}
@@ -423,45 +437,43 @@ def merged_lora(model):
                 else:
                     m.base_layer.weight.data = w + delta
             m.merged_adapters = list(m.active_adapters)
-        for group, weight in zip(groups, fused):
-            _fuse(group, weight)
-        yield
+        with _forwards({m: f for group, weight in zip(groups, fused) for m, f in _fuse(group, weight).items()}):
+            yield
     finally:
-        for m in members:
-            m.__dict__.pop("forward", None)
         for m, w in saved.items():
             m.base_layer.weight.data = w
             m.merged_adapters = []
 
 
-def _fuse(group, weight):
-    """The group's first projection computes all of them in one matmul with `weight` (theirs side by side) and
-    returns its part; each later one returns its part of that result when called on the same input (the layer
-    calls them in FUSED's order), and computes its own otherwise. The parts are let go once taken: a prefill's
-    would hold 9 GB at 7B."""
+def _fuse(group, weight) -> dict:
+    """Forwards for the group's projections: the first computes all of them in one matmul with `weight` (theirs
+    side by side) and returns its part; each later one returns its part of that result when called on the same
+    input (the layer calls them in FUSED's order), and runs its own forward otherwise. The result is dropped once
+    every part is taken, so no layer's outlives the layer (a prefill's would hold 9 GB at 7B)."""
     bases = [m.base_layer for m in group]
     bias = (torch.cat([b.bias if b.bias is not None else b.weight.new_zeros(b.out_features) for b in bases])
             if any(b.bias is not None for b in bases) else None)
     last = {}  # the first projection's last input and the parts not yet taken
 
-    def first(x):
+    def first(x, *args, **kwargs):
+        if args or kwargs:  # e.g. peft's adapter_names: its own path
+            return own[0](x, *args, **kwargs)
         parts = F.linear(x, weight, bias).split([b.out_features for b in bases], -1)
         last.update(x=x, parts=list(parts))
         return parts[0]
 
-    def later(i, own):
-        def forward(x):
-            if last.get("x") is not x or last["parts"][i] is None:
-                return own(x)
+    def later(i):
+        def forward(x, *args, **kwargs):
+            if args or kwargs or last.get("x") is not x or last["parts"][i] is None:
+                return own[i](x, *args, **kwargs)
             part, last["parts"][i] = last["parts"][i], None
             if all(p is None for p in last["parts"][1:]):
                 last.clear()
             return part
         return forward
 
-    group[0].forward = first
-    for i, m in enumerate(group[1:], 1):
-        m.forward = later(i, m.forward)
+    own = [m.forward for m in group]
+    return {m: first if i == 0 else later(i) for i, m in enumerate(group)}
 
 
 @contextmanager
@@ -504,14 +516,10 @@ def _fused_rms_norm(lm, offset: float = 0.0):
     saves 8% of a 7B decode step (BENCHMARKS.md). Same maths (the family's norm scales by weight + `offset`); the
     output is rounded to bf16 once, not twice."""
     norms = [m for m in lm.modules() if isinstance(m, type(lm.norm))]
-    for m in norms:
-        m.forward = partial(F.rms_norm, normalized_shape=m.weight.shape, weight=m.weight + offset if offset else
-                            m.weight, eps=getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
-    try:
+    with _forwards({m: partial(F.rms_norm, normalized_shape=m.weight.shape, weight=m.weight + offset if offset else
+                               m.weight, eps=getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
+                    for m in norms}):
         yield
-    finally:
-        for m in norms:
-            del m.forward
 
 
 def _decode_delta_rule(device):
