@@ -67,10 +67,14 @@ UPDATES_PER_BATCH = 3 if TINY else 2  # optimizer steps per rollout batch; > 1 a
 # spread over eight seeds, BENCHMARKS.md)
 DYNAMIC_SAMPLING = True  # drop groups whose samples are all right or all wrong, draw more prompts
 MAX_DRAWS = 4  # prompt draws per step before going on with fewer groups
+OVERDRAW = 2  # a draw takes up to this many times the groups still missing, sized by the share of groups kept so
+# far, so that one draw mostly fills the step: a second costs nearly a whole rollout (decoding is paid per token
+# step, not per row: 8 tiny prompts x 8 decode in 134 ms, 16 in 195 ms, 2 in 89 ms). The surplus is dropped, as in
+# DAPO's gen_batch_size > train_batch_size
 FOCUS = 0.75  # share of the fake clips drawn by their generator's running rollout error, the rest evenly: a style
 # not yet learnt gets more of the batch (learnt ones stay mixed groups, as the tiny model's letter confidence is
 # capped near 0.89, and would fill the quota; BENCHMARKS.md)
-FOCUS_MEMORY = 0.1  # weight of each new group in its generator's running error
+MEMORY = 0.1  # weight of each new group in the running means: its generator's error, its label's kept share
 MALFORMED_IN_LOSS = False  # False: malformed or truncated replies score -1 but stay out of the loss
 MICRO_BATCH_TOKENS = 16384  # tokens per forward/backward, each prompt once plus its completions (memory vs speed)
 GRADIENT_CHECKPOINTING = "memory"  # recompute a decoder layer in backward instead of keeping its activations:
@@ -201,10 +205,23 @@ def focus_weights(errors: dict[str, float]) -> dict[str, float]:
     return {g: (1 - FOCUS) / len(errors) + FOCUS * (e / total if total else 1 / len(errors)) for g, e in errors.items()}
 
 
-def rollout(model, processor, clips, stats, errors, mixed=False, scorer=None):
+def draw_size(missing: int, share: float) -> int:
+    """Prompts to draw for `missing` groups of a label whose groups are kept at the running `share`: the fewest
+    whose kept count (binomial) falls short with at most 5% chance, at most OVERDRAW x `missing`."""
+    def short(n):
+        return sum(math.comb(n, k) * share ** k * (1 - share) ** (n - k) for k in range(missing))
+
+    n = missing
+    while n < OVERDRAW * missing and short(n) > 0.05:
+        n += 1
+    return n
+
+
+def rollout(model, processor, clips, stats, errors, shares, mixed=False, scorer=None):
     """Groups for one step: sample G replies per clip, score them, keep groups with mixed correctness. `errors`
-    {fake generator: running error} steers which fakes are drawn and is updated here. `mixed` (stage 3): each
-    clip's prompt in a random mode, with the hybrid and thinking rewards."""
+    {fake generator: running error} steers which fakes are drawn, `shares` {label: running share of groups kept}
+    how many; both are updated here. `mixed` (stage 3): each clip's prompt in a random mode, with the hybrid and
+    thinking rewards."""
     # Balanced after filtering, not only when drawn: a solved label's groups are all right and dropped, and a
     # batch of the other label alone pushes the answer prior towards it until the weakest style flips.
     quota = {"real": PROMPTS_PER_STEP // 2, "fake": PROMPTS_PER_STEP - PROMPTS_PER_STEP // 2}
@@ -213,7 +230,8 @@ def rollout(model, processor, clips, stats, errors, mixed=False, scorer=None):
         missing = {label: n - len(kept[label]) for label, n in quota.items()}
         if not sum(missing.values()):
             break
-        drawn = clips.batch(missing["real"], "real") + clips.batch(missing["fake"], "fake", focus_weights(errors))
+        n = {label: draw_size(m, shares[label]) for label, m in missing.items()}
+        drawn = clips.batch(n["real"], "real") + clips.batch(n["fake"], "fake", focus_weights(errors))
         draws += 1
         modes = [MODES[torch.randint(len(MODES), ()).item()] if mixed else None for _ in drawn]
         t0 = time.time()
@@ -228,7 +246,7 @@ def rollout(model, processor, clips, stats, errors, mixed=False, scorer=None):
             texts, lengths = done.texts[rows], done.lengths[rows].tolist()
             correct = [accuracy_reward(t, row["label"]) for t in texts]
             if row["label"] == "fake":
-                errors[row["generator"]] += FOCUS_MEMORY * (1 - sum(correct) / GROUP_SIZE - errors[row["generator"]])
+                errors[row["generator"]] += MEMORY * (1 - sum(correct) / GROUP_SIZE - errors[row["generator"]])
             well_formed = [format_reward(t, mode) == 0 and not tr
                            for t, tr in zip(texts, done.truncated[rows].tolist())]
             rewards = [c + format_reward(t, mode) + overlong_reward(n) for c, t, n in zip(correct, texts, lengths)]
@@ -237,7 +255,9 @@ def rollout(model, processor, clips, stats, errors, mixed=False, scorer=None):
                            for r, t, c in zip(rewards, texts, correct)]
             stats["seen"].append(dict(correct=correct, well_formed=well_formed, rewards=rewards, lengths=lengths,
                                       truncated=done.truncated[rows].tolist()))
-            if (keep_group(correct) or not DYNAMIC_SAMPLING) and len(kept[row["label"]]) < quota[row["label"]]:
+            keep = keep_group(correct) or not DYNAMIC_SAMPLING
+            shares[row["label"]] += MEMORY * (keep - shares[row["label"]])
+            if keep and len(kept[row["label"]]) < quota[row["label"]]:
                 kept[row["label"]].append(dict(label=row["label"], frames=frames, mode=mode, ids=done.ids[rows],
                                                mask=done.mask[rows], rewards=rewards, well_formed=well_formed))
     # real and fake in turn, so each of the UPDATES_PER_BATCH optimizer steps (consecutive groups) is as balanced
@@ -425,6 +445,7 @@ def main():
         print("thinking reward off: THINKING_SCORER names no reward model")
     average = RunningMean(trainable)  # of the steps after AVERAGE_FROM
     errors = {g: 0.5 for g in clips.generators["fake"]}  # running rollout error per fake generator
+    shares = {"real": 1.0, "fake": 1.0}  # running share of groups kept per label
     while trained < TIME_BUDGET:
         t0 = time.time()
         if not fused and trained >= stage1_end:
@@ -441,7 +462,7 @@ def main():
             group["lr"] = group["peak"] * lr_factor(trained / TIME_BUDGET)
         stats.update(step=step, seen=[])
         model.eval()
-        groups = rollout(model, processor, clips, stats, errors, mixed=stage == 3, scorer=scorer)
+        groups = rollout(model, processor, clips, stats, errors, shares, mixed=stage == 3, scorer=scorer)
         model.train()
         loss = clip_low = clip_high = grad_norm = 0.0
         if distributed.all_max(len(groups)):  # the update's all-reduces need every rank, with groups or not

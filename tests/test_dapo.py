@@ -143,13 +143,35 @@ def scripted_policy(td, monkeypatch, fake_mixed_from_call):
 
 
 def test_dynamic_sampling_balances_the_kept_groups_by_label(td, monkeypatch):
-    """Solved fake groups are dropped and more fakes drawn (reals no longer), so the batch stays half real."""
+    """Solved fake groups are dropped and more fakes drawn (reals no longer), so the batch stays half real. The
+    second draw is sized by the fakes' kept share, which the dropped groups lowered: OVERDRAW times the missing."""
     scripted_policy(td, monkeypatch, fake_mixed_from_call=2)
     clips, stats = ScriptedClips(), {"rollout_seconds": 0.0, "rollout_tokens": 0, "seen": []}
-    groups = td.rollout(None, None, clips, stats, {"g": 0.5})
+    shares = {"real": 1.0, "fake": 1.0}
+    groups = td.rollout(None, None, clips, stats, {"g": 0.5}, shares)
     half = td.PROMPTS_PER_STEP // 2
-    assert clips.drawn == ["real"] * half + ["fake"] * half * 2 and stats["draws"] == 2
+    assert clips.drawn == ["real"] * half + ["fake"] * half + ["fake"] * half * td.OVERDRAW and stats["draws"] == 2
     assert [g["label"] for g in groups] == ["real", "fake"] * half  # in turn: every optimizer step is balanced
+    assert len(stats["seen"]) == 2 * half + half * td.OVERDRAW  # the surplus mixed fakes are seen, not kept
+    assert shares["real"] == 1.0
+    drop, keep = (1 - td.MEMORY) ** half, 1 - (1 - td.MEMORY) ** (half * td.OVERDRAW)
+    assert math.isclose(shares["fake"], drop * (1 - keep) + keep)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.9, 0.7, 0.5, 0.2, 0.01])
+@pytest.mark.parametrize("missing", [1, 2, 4])
+def test_draw_size_is_the_fewest_prompts_that_likely_fill_the_quota(td, share, missing):
+    """Against scipy's binomial: where not capped at OVERDRAW x missing, the draw falls short with at most 5% chance
+    and one prompt fewer would not; all groups kept (dynamic sampling off, or nothing solved yet): no surplus."""
+    from scipy.stats import binom
+    n = td.draw_size(missing, share)
+    assert missing <= n <= td.OVERDRAW * missing
+    if n < td.OVERDRAW * missing:
+        assert binom.cdf(missing - 1, n, share) <= 0.05
+    if n > missing:
+        assert binom.cdf(missing - 1, n - 1, share) > 0.05
+    if share == 1.0:
+        assert n == missing
 
 
 def test_dynamic_sampling_gives_up_after_max_draws(td, monkeypatch, capsys):
@@ -157,15 +179,16 @@ def test_dynamic_sampling_gives_up_after_max_draws(td, monkeypatch, capsys):
     scripted_policy(td, monkeypatch, fake_mixed_from_call=10 ** 9)
     clips, stats = ScriptedClips(), {"rollout_seconds": 0.0, "rollout_tokens": 0, "seen": []}
     errors = {"g": 0.5}
-    groups = td.rollout(None, None, clips, stats, errors)
+    groups = td.rollout(None, None, clips, stats, errors, {"real": 1.0, "fake": 1.0})
     half = td.PROMPTS_PER_STEP // 2
     assert stats["draws"] == td.MAX_DRAWS
-    assert clips.drawn == ["real"] * half + ["fake"] * half * td.MAX_DRAWS  # no more reals once they are kept
+    later = half * td.OVERDRAW * (td.MAX_DRAWS - 1)  # fakes drawn after the first draw, OVERDRAW x the missing
+    assert clips.drawn == ["real"] * half + ["fake"] * (half + later)  # no more reals once they are kept
     assert [g["label"] for g in groups] == ["real"] * half
-    assert len(stats["seen"]) == 2 * half + (td.MAX_DRAWS - 1) * half  # every sampled group is counted
+    assert len(stats["seen"]) == 2 * half + later  # every sampled group is counted
     assert f"gave up after {td.MAX_DRAWS} draws with {half}/{td.PROMPTS_PER_STEP} groups" in capsys.readouterr().out
-    # every fake group was all right: the running error decays by (1 - FOCUS_MEMORY) per group
-    assert math.isclose(errors["g"], 0.5 * (1 - td.FOCUS_MEMORY) ** (half * td.MAX_DRAWS))
+    # every fake group was all right: the running error decays by (1 - MEMORY) per group
+    assert math.isclose(errors["g"], 0.5 * (1 - td.MEMORY) ** (half + later))
     assert len(clips.weights) == td.MAX_DRAWS
 
 
