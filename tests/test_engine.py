@@ -495,7 +495,7 @@ def test_batched_vision_windows_match_the_hf_tower():
 
 def test_odd_width_vision_layers_run_padded_with_the_same_result():
     """Qwen2.5-VL's vision MLP is 3,420 wide, not a multiple of 8 (cuBLAS's slow kernels in bf16): the engine runs
-    such layers with zero-padded weights (`engine._aligned_widths`) where no gradient flows: the same outputs."""
+    such layers with zero-padded weights (`engine._vision_kernels`) where no gradient flows: the same outputs."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VisionTransformerPretrainedModel,
                                                                     Qwen2_5_VLVisionConfig)
     torch.manual_seed(0)
@@ -507,11 +507,36 @@ def test_odd_width_vision_layers_run_padded_with_the_same_result():
     mlp = tower.blocks[0].mlp
     ref = tower(pixels, grid_thw=grid).pooler_output
     linear = torch.nn.functional.linear
-    with (torch.no_grad(), engine._aligned_widths(tower),
+    with (torch.no_grad(), engine._vision_kernels(tower),
           mock.patch.object(torch.nn.functional, "linear", wraps=linear) as calls):
         ours = tower(pixels, grid_thw=grid).pooler_output
     assert {tuple(c.args[1].shape) for c in calls.call_args_list} >= {(64, 32), (32, 64)}  # 60 padded to 64
     assert not any("forward" in x.__dict__ for x in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))  # restored
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    with engine._aligned_widths(tower):  # with gradients (a trained tower) the layers run as they are
+    with engine._vision_kernels(tower):  # with gradients (a trained tower) the layers run as they are
         assert not any("forward" in x.__dict__ for x in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3.5"])
+def test_the_patch_embedding_runs_as_a_matmul_with_the_same_outputs_and_gradients(family):
+    """Both families embed each 2 x P x P patch with a Conv3d whose kernel is the whole patch (Qwen3.5's with a
+    bias): `engine._vision_kernels` runs it as one matmul, with or without gradients, and no conv runs."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionConfig, Qwen3_5VisionPatchEmbed
+    torch.manual_seed(0)
+    embed = (Qwen2_5_VisionPatchEmbed(patch_size=14, temporal_patch_size=2, in_channels=3, embed_dim=40)
+             if family == "qwen2.5-vl" else
+             Qwen3_5VisionPatchEmbed(Qwen3_5VisionConfig(patch_size=16, temporal_patch_size=2, hidden_size=40)))
+    pixels = torch.randn(30, 3 * 2 * embed.patch_size ** 2, requires_grad=True)
+    params = [pixels, *embed.parameters()]
+    ref = embed(pixels)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    conv3d = torch.nn.functional.conv3d
+    with engine._vision_kernels(embed), mock.patch.object(torch.nn.functional, "conv3d", wraps=conv3d) as conv:
+        ours = embed(pixels)
+        grads = torch.autograd.grad(ours.square().sum(), params)
+    assert not conv.called and "forward" not in embed.proj.__dict__  # a matmul; the conv's forward put back after
+    assert len(params) == (2 if family == "qwen2.5-vl" else 3)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, ref_grads):  # sums over 30 patches in another order: fp32 rounding of their scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
