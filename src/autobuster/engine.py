@@ -10,7 +10,7 @@ forward (tests/test_engine.py)."""
 import importlib.util
 import sys
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from unittest.mock import patch
@@ -125,17 +125,10 @@ def video_features(model, batch, prompts: list[int] | None = None) -> dict[int, 
 def _forwards(patches: dict):
     """Each module of `patches` runs the function given for it for a while (an instance attribute, as peft and
     accelerate set theirs); whatever the instance had before is put back after."""
-    before = {m: m.__dict__.get("forward") for m in patches}
-    for m, forward in patches.items():
-        m.forward = forward
-    try:
+    with ExitStack() as stack:
+        for m, forward in patches.items():
+            stack.enter_context(patch.object(m, "forward", forward))
         yield
-    finally:
-        for m, forward in before.items():
-            if forward is None:
-                del m.forward
-            else:
-                m.forward = forward
 
 
 @contextmanager
