@@ -253,9 +253,9 @@ def rollout(model, processor, clips, stats, errors, shares, mixed=False, scorer=
             if mode:
                 rewards = [r + hybrid_reward(t, mode) + thinking_reward(t, frames, c, mode, scorer)
                            for r, t, c in zip(rewards, texts, correct)]
-            stats["seen"].append(dict(correct=correct, well_formed=well_formed, rewards=rewards, lengths=lengths,
-                                      truncated=done.truncated[rows].tolist()))
             keep = keep_group(correct) or not DYNAMIC_SAMPLING
+            stats["seen"].append(dict(correct=correct, well_formed=well_formed, rewards=rewards, lengths=lengths,
+                                      truncated=done.truncated[rows].tolist(), filtered=not keep))
             shares[row["label"]] += MEMORY * (keep - shares[row["label"]])
             if keep and len(kept[row["label"]]) < quota[row["label"]]:
                 kept[row["label"]].append(dict(label=row["label"], frames=frames, mode=mode, ids=done.ids[rows],
@@ -476,7 +476,7 @@ def main():
         rec = dict(step=step, elapsed=round(trained, 2), reward_mean=rewards.mean().item(),
                    reward_std=rewards.std().item(), accuracy=sum(flat("correct")) / len(rewards),
                    format_rate=sum(flat("well_formed")) / len(rewards),
-                   filtered=1 - len(groups) / len(seen), groups=len(groups),
+                   filtered=sum(s["filtered"] for s in seen) / len(seen), groups=len(groups),
                    real_groups=sum(g["label"] == "real" for g in groups), draws=stats["draws"],
                    len_mean=lengths.mean().item(), len_max=int(lengths.max()),
                    truncated=sum(flat("truncated")) / len(rewards), loss=loss, clip_low=clip_low,

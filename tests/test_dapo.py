@@ -153,6 +153,7 @@ def test_dynamic_sampling_balances_the_kept_groups_by_label(td, monkeypatch):
     assert clips.drawn == ["real"] * half + ["fake"] * half + ["fake"] * half * td.OVERDRAW and stats["draws"] == 2
     assert [g["label"] for g in groups] == ["real", "fake"] * half  # in turn: every optimizer step is balanced
     assert len(stats["seen"]) == 2 * half + half * td.OVERDRAW  # the surplus mixed fakes are seen, not kept
+    assert sum(s["filtered"] for s in stats["seen"]) == half  # only the solved ones count as filtered
     assert shares["real"] == 1.0
     drop, keep = (1 - td.MEMORY) ** half, 1 - (1 - td.MEMORY) ** (half * td.OVERDRAW)
     assert math.isclose(shares["fake"], drop * (1 - keep) + keep)
