@@ -413,9 +413,10 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
     kv_tokens = {  # KV one decode step reads, at the mean completion length
         "old": rows * (plen + new_tokens / 2),  # every row its own copy of its prompt (the floor printed first)
         "shared": prompts_per_step * plen + rows * new_tokens / 2,  # each prompt's KV once per group (cascade)
-        # what the engine's decode reads: its whole static cache, each prompt once if it shares them (cascade)
-        "path": (prompts_per_step * chunks * piece + rows * room) if setting["cascade"]
-        else rows * (plen + new_tokens + 2),
+        # what the engine's decode reads: its whole static cache; if it shares them (cascade), each prompt once and
+        # each row's own buffer, only as far as the row has come with the Triton kernels
+        "path": (prompts_per_step * chunks * piece + rows * (new_tokens / 2 if engine.cascade_kernels(
+            device, torch.bfloat16) else room)) if setting["cascade"] else rows * (plen + new_tokens + 2),
     }
     floor = dict(copy_tb_per_s=bw / 1e12, weights_read_gb=read / 1e9, states_gb=rows * state_per_row / 1e9)
     for name, tokens in kv_tokens.items():

@@ -261,6 +261,7 @@ class _CascadeCache(_StaticCache):
     def __init__(self, prefill, attention, num_samples: int, room: int, attend, chunks: int | None = None):
         self.attend, self.pos = attend, torch.zeros(1, dtype=torch.long, device=attention.device)
         self.merge = _compiled(_merge) if attention.device.type == "cuda" else _merge  # one kernel, not ten
+        self.kernels, self.parts = None, None  # `cascade_kernels`, where they apply
         self.states, self.restart = _linear_states(prefill, num_samples)
         prompts, plen = attention.shape
         first = next(x for i, x in enumerate(prefill.layers) if i not in self.states)  # an attention layer's cache
@@ -289,12 +290,15 @@ class _CascadeCache(_StaticCache):
         self.bias = torch.full((1, 1, 1, room), low, dtype=bias.dtype, device=attention.device)
         self.mask = self
         self.state = [self.pos, self.bias]
+        self.kernels = cascade_kernels(attention.device, dtype)
 
     def advance(self, step):
         self.pos.copy_(step)
         self.bias.index_fill_(3, self.pos, 0)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
+        if self.kernels is not None:  # which write this step's key and value itself
+            return key, value
         keys, values = super().update(key, value, layer_idx)
         return (self.prompt_keys[layer_idx], keys), (self.prompt_values[layer_idx], values)
 
@@ -319,6 +323,13 @@ def _cascade_attention(module, query, key, value, attention_mask, scaling=None, 
     of their prompt's keys once (as Hydragen and FlashInfer's cascade do), each row against its own completion,
     all parts merged exactly by their log-sum-exps. query [rows, heads, 1, dim]; key and value as `update` returns."""
     cache = attention_mask
+    if cache.kernels is not None:
+        i, (rows, heads, _, dim) = module.layer_idx, query.shape
+        if cache.parts is None:  # allocated by the first (warm-up) step, outside the CUDA graph
+            cache.parts = cache.kernels.cascade_parts(rows, heads, cache.chunks + 1, dim, query.device)
+        return cache.kernels.cascade_decode(query, key, value, cache.prompt_keys[i], cache.prompt_values[i],
+                                            cache.prompt_bias, cache.keys[i], cache.values[i], cache.pos, cache.parts,
+                                            cache.chunks, scaling), None
     (prompt_k, own_k), (prompt_v, own_v) = key, value
     rows, heads, _, dim = query.shape
     prompts, chunks, kv = cache.prompts, cache.chunks, prompt_k.shape[1]
@@ -328,6 +339,17 @@ def _cascade_attention(module, query, key, value, attention_mask, scaling=None, 
                                 cache.prompt_bias, scaling)
     out_c, lse_c = cache.attend(query.reshape(rows, kv, per, dim), own_k, own_v, cache.bias, scaling)
     return cache.merge(out_p, lse_p, out_c, lse_c).reshape(rows, 1, heads, dim), None
+
+
+def cascade_kernels(device, dtype):
+    """The module `kernels`, whose `cascade_decode` does a decode step's whole shared-prompt attention in two
+    Triton kernels (the torch path here takes six, and reads each row's whole buffer), on a GPU with Triton and
+    bf16 or fp16 tensor cores; None elsewhere."""
+    if (device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _installed("triton")
+            and torch.cuda.get_device_capability(device) >= (8, 0)):
+        from . import kernels
+        return kernels
+    return None
 
 
 def _merge(out_p, lse_p, out_c, lse_c):
