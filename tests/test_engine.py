@@ -230,79 +230,53 @@ def test_a_failed_compile_falls_back_to_the_function_once(monkeypatch, capsys):
     assert err.count("torch.compile of square failed (no working C compiler); it runs uncompiled") == 1
 
 
-def test_cascade_attention_equals_attention_over_the_whole_row():
-    """`_cascade_attention` against plain softmax attention of each row over its prompt (left padding masked) and
-    its own completion so far, grouped-query heads included, the prompt stored in pieces (one of them all padding)."""
+def check_cascade_attention(kernels=None):
+    """`_cascade_attention` through a `_CascadeCache`, step after step, against plain softmax attention of each row
+    over its prompt (left padding masked) and its own completion so far, grouped-query heads included, the prompt
+    stored in pieces (one of them all padding); each step's key and value land in the row's buffer. `kernels`: the
+    module whose Triton kernels the cache runs (the GPU's path), else the torch path."""
     torch.manual_seed(0)
-    prompts, group, kv, per, dim, plen, room, steps = 2, 3, 2, 3, 8, 7, 16, 5
-    rows = prompts * group
-    prompt_k, prompt_v = torch.randn(2, prompts, kv, plen, dim)
-    attention = torch.ones(prompts, plen, dtype=torch.long)
-    attention[1, :3] = 0
+    # (prompts, G, kv heads, q heads per kv head, head dim, prompt length, pieces, steps); the second: a head dim
+    # that is not a power of two, a completion longer than the kernel's block of keys
+    for prompts, group, kv, per, dim, plen, chunks, steps in ((2, 3, 2, 3, 8, 7, 3, 5), (2, 2, 1, 2, 12, 40, 2, 66)):
+        rows = prompts * group
+        prompt_k, prompt_v = torch.randn(2, prompts, kv, plen, dim)
+        attention = torch.ones(prompts, plen, dtype=torch.long)
+        attention[1, :3] = 0
 
-    class Prefill:
-        layers = [type("L", (), {"keys": prompt_k, "values": prompt_v})]
+        class Prefill:
+            layers = [type("L", (), {"keys": prompt_k, "values": prompt_v})]
 
-    cache = engine._CascadeCache(Prefill, attention, group, room, engine._attend_math, chunks=3)
-    own_k, own_v = torch.randn(2, rows, kv, steps, dim)
-    for t in range(steps):
-        cache.advance(torch.tensor([t]))
-        key, value = cache.update(own_k[:, :, t:t + 1], own_v[:, :, t:t + 1], 0)
-    query = torch.randn(rows, kv * per, 1, dim)
-    ours, _ = engine._cascade_attention(None, query, key, value, cache, scaling=0.3)
-    for r in range(rows):
-        seen = attention[r // group].bool()
-        k = torch.cat([prompt_k[r // group][:, seen], own_k[r]], 1).repeat_interleave(per, 0)
-        v = torch.cat([prompt_v[r // group][:, seen], own_v[r]], 1).repeat_interleave(per, 0)
-        want = torch.nn.functional.scaled_dot_product_attention(query[r], k, v, scale=0.3)  # [heads, 1, dim]
-        torch.testing.assert_close(ours[r, 0], want[:, 0], rtol=1e-5, atol=1e-6)
+        cache = engine._CascadeCache(Prefill, attention, group, steps + 2, engine._attend_math, chunks=chunks)
+        cache.kernels = kernels
+        own_k, own_v = torch.randn(2, rows, kv, steps, dim)
+        for t in range(steps):
+            query = torch.randn(rows, 1, kv * per, dim).transpose(1, 2)  # strided, as the layers give it
+            value = own_v[:, :, t:t + 1].transpose(1, 2).contiguous().transpose(1, 2)  # other strides than the key's
+            cache.advance(torch.tensor([t]))
+            key, value = cache.update(own_k[:, :, t:t + 1], value, 0)
+            ours, _ = engine._cascade_attention(mock.Mock(layer_idx=0), query, key, value, cache, scaling=0.3)
+            for r in range(rows):
+                seen = attention[r // group].bool()
+                k = torch.cat([prompt_k[r // group][:, seen], own_k[r, :, :t + 1]], 1).repeat_interleave(per, 0)
+                v = torch.cat([prompt_v[r // group][:, seen], own_v[r, :, :t + 1]], 1).repeat_interleave(per, 0)
+                want = torch.nn.functional.scaled_dot_product_attention(query[r], k, v, scale=0.3)  # [heads, 1, dim]
+                torch.testing.assert_close(ours[r, 0], want[:, 0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(cache.keys[0][:, :, :steps], own_k) and torch.equal(cache.values[0][:, :, :steps], own_v)
+        assert not cache.keys[0][:, :, steps:].any()
 
 
-TRITON_CASCADE = """
-import torch
-from autobuster import engine, kernels
-torch.manual_seed(0)
-F = torch.nn.functional
-# (prompts, G, kv heads, q heads per kv head, head dim, prompt length, pieces, steps): a head dim that is not a
-# power of two, a piece of pure padding, a completion longer than one block of keys
-for prompts, group, kv, per, dim, plen, chunks, steps in ((2, 3, 2, 3, 8, 7, 3, 5), (2, 2, 1, 2, 12, 40, 2, 66)):
-    rows = prompts * group
-    prompt_k, prompt_v = torch.randn(2, prompts, kv, plen, dim)
-    attention = torch.ones(prompts, plen, dtype=torch.long)
-    attention[1, :3] = 0
-
-    class Prefill:
-        layers = [type("L", (), {"keys": prompt_k, "values": prompt_v})]
-
-    cache = engine._CascadeCache(Prefill, attention, group, steps + 2, engine._attend_math, chunks=chunks)
-    cache.kernels = kernels
-    module = type("Attention", (), {"layer_idx": 0})
-    own_k, own_v = torch.randn(2, rows, kv, steps, dim)
-    for t in range(steps):
-        query = torch.randn(rows, 1, kv * per, dim).transpose(1, 2)  # strided, as the layers give it
-        cache.advance(torch.tensor([t]))
-        value = own_v[:, :, t:t + 1].transpose(1, 2).contiguous().transpose(1, 2)  # other strides than the key's
-        key, value = cache.update(own_k[:, :, t:t + 1], value, 0)
-        ours, _ = engine._cascade_attention(module, query, key, value, cache, scaling=0.3)
-        for r in range(rows):
-            seen = attention[r // group].bool()
-            k = torch.cat([prompt_k[r // group][:, seen], own_k[r, :, :t + 1]], 1).repeat_interleave(per, 0)
-            v = torch.cat([prompt_v[r // group][:, seen], own_v[r, :, :t + 1]], 1).repeat_interleave(per, 0)
-            want = F.scaled_dot_product_attention(query[r], k, v, scale=0.3)  # [heads, 1, dim]
-            torch.testing.assert_close(ours[r, 0], want[:, 0], rtol=1e-5, atol=1e-5)
-    assert torch.equal(cache.keys[0][:, :, :steps], own_k) and torch.equal(cache.values[0][:, :, :steps], own_v)
-    assert not cache.keys[0][:, :, steps:].any()
-print("ok")
-"""
+def test_cascade_attention_equals_attention_over_the_whole_row():
+    check_cascade_attention()
 
 
 def test_triton_cascade_attention_equals_attention_over_the_whole_row():
-    """The GPU's two-kernel shared-prompt attention (`kernels.cascade_decode`), run by Triton's interpreter on the
-    CPU through `_CascadeCache` and `_cascade_attention`, against plain softmax attention of each row over its
-    prompt (left padding masked) and its completion so far, step after step; the kernel writes each step's key and
-    value to the row's buffer itself."""
+    """The same check of the GPU's two-kernel shared-prompt attention (`kernels.cascade_decode`, which also writes
+    each step's key and value itself), run by Triton's interpreter on the CPU."""
     pytest.importorskip("triton")
-    r = subprocess.run([sys.executable, "-c", TRITON_CASCADE], env=os.environ | {"TRITON_INTERPRET": "1"},
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_engine; "
+            "from autobuster import kernels; test_engine.check_cascade_attention(kernels); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], env=os.environ | {"TRITON_INTERPRET": "1"},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
