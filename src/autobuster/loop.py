@@ -14,6 +14,7 @@ from pathlib import Path
 
 import git
 import pandas as pd
+import psutil
 
 from . import dataset, metrics
 from .errors import UserError
@@ -187,23 +188,34 @@ def check_fixed(ws: Workspace, state: dict) -> None:
                         + "; restore them with `git checkout -- <file>`")
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process is running; a zombie (dead, its parent not reaping it: a container's init may never) is
+    not. Another user's process counts as running."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
 def recover(ws: Workspace) -> None:
     """A runner that died mid-run left its lock: record that run as a crash and restore the kept state."""
     if not ws.lock.exists():
         return
     lock = json.loads(ws.lock.read_text())
-    try:
-        os.kill(lock["pid"], 0)
+    if _alive(lock["pid"]):
         raise UserError(f"run {lock['run_id']} is still in progress (pid {lock['pid']}); wait for it or kill it")
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        raise UserError(f"run {lock['run_id']} is still in progress (pid {lock['pid']})") from None
     if lock.get("child"):
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(lock["child"], signal.SIGKILL)  # a training process the dead runner left behind
-        except (ProcessLookupError, PermissionError):
-            pass
+        for _ in range(300):  # until it has let go of its GPU memory, so the next run has it all
+            if not _alive(lock["child"]):
+                break
+            time.sleep(0.1)
+        else:
+            print(f"warning: training process {lock['child']} of run {lock['run_id']} is still there 30 s after "
+                  f"SIGKILL; check that it is gone (nvidia-smi, ps) before the next run")
     finish(ws, lock, ws.runs / lock["run_id"], "crash", note="interrupted: the runner was killed (SIGKILL, or it "
            "died) before it could record the run")
     print(f"recovered run {lock['run_id']}: recorded as crash, branch back at {lock['kept'][:7]}")
