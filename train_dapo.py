@@ -295,6 +295,11 @@ def update(model, opt, processor, groups, stats):
     token counts and gradients are summed over the ranks, so each step is the one a single process would take
     on all the ranks' groups together."""
     prompts, ids, mask, adv, prompt_of_row = collate(processor, groups)
+    # Rows without a loss token (malformed or truncated replies, unless MALFORMED_IN_LOSS) and the positions after
+    # the last loss token of all rows add nothing to the loss or its gradient: no pass runs them (one rambling row
+    # would otherwise widen every completion to its length). Exact, as a position's log-prob sees only those before.
+    width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
+    ids, mask = ids[:, :width], mask[:, :width]
     trainable = [p for p in model.parameters() if p.requires_grad]
     device = trainable[0].device
     prompts = {k: v.to(device) for k, v in prompts.items()}
@@ -306,8 +311,9 @@ def update(model, opt, processor, groups, stats):
             features = engine.video_features(model, prompts)
 
     def micro(part):
+        part = part[mask[part].any(1).cpu()]
         return engine.micro_batches(part, prompt_of_row, prompts["input_ids"].shape[1], ids.shape[1],
-                                    MICRO_BATCH_TOKENS) if groups else []
+                                    MICRO_BATCH_TOKENS) if len(part) else []
 
     def logprobs(part):
         return engine.token_logprobs(model, prompts, ids[part], TEMPERATURE, prompt_of_row=prompt_of_row[part],
@@ -319,7 +325,8 @@ def update(model, opt, processor, groups, stats):
     later, old = rows[len(minis[0]):], torch.zeros_like(mask)
     if len(later):
         with torch.no_grad():
-            old[later] = torch.cat([logprobs(p) for p in micro(later)])
+            for p in micro(later):
+                old[p] = logprobs(p)
     losses, clip_low, clip_high, norms = [], 0, 0, []
     for i, mini in enumerate(minis):
         n_tokens = distributed.all_sum(mask[mini].sum()).clamp(min=1)  # the global DAPO normaliser

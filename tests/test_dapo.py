@@ -253,7 +253,9 @@ def test_train_clips_draw_generators_by_weight_and_skip_bad_clips(td, monkeypatc
 
 def test_every_update_on_a_rollout_batch_is_against_the_sampling_policy(td, monkeypatch):
     """UPDATES_PER_BATCH steps, each on its share of the rows in order: every step's ratio is against the weights
-    that sampled, worked out here with plain SGD from the clipped surrogate (steps large enough to clip)."""
+    that sampled, worked out here with plain SGD from the clipped surrogate (steps large enough to clip) over every
+    row and position. The update leaves out a row without loss tokens and the positions after the last one, with
+    the same steps."""
     from peft import LoraConfig, get_peft_model
 
     from autobuster import dataset, engine
@@ -267,10 +269,13 @@ def test_every_update_on_a_rollout_batch_is_against_the_sampling_policy(td, monk
     clips.close()
     gen = torch.Generator().manual_seed(0)
     groups = []
-    for _, frames in drawn:
-        lengths = torch.randint(3, 9, (4,), generator=gen)
+    for i, (_, frames) in enumerate(drawn):
+        lengths = torch.randint(3, 7, (4,), generator=gen)
+        well_formed = [True] * 4
+        if i == 1:  # a reply that rambled to the cap, out of the loss: the update leaves its row and width out
+            lengths[2], well_formed[2] = 8, False
         mask = (torch.arange(8) < lengths[:, None]).long()
-        groups.append(dict(frames=frames, mode=None, mask=mask, well_formed=[True] * 4,
+        groups.append(dict(frames=frames, mode=None, mask=mask, well_formed=well_formed,
                            ids=torch.randint(0, 90, (4, 8), generator=gen).masked_fill(mask == 0, 0),
                            rewards=torch.randn(4, generator=gen).tolist()))
 
@@ -284,6 +289,7 @@ def test_every_update_on_a_rollout_batch_is_against_the_sampling_policy(td, monk
 
     ref, processor, ref_params = policy()
     prompts, ids, mask, adv, prompt_of_row = td.collate(processor, groups)
+    assert ids.shape[1] == 8 and mask.any(0).nonzero().max() < 6 and not mask[6].any()  # the reference: all of it
     # micro-batches of 2 rows, so that the no-grad pass and the steps are cut differently
     monkeypatch.setattr(td, "MICRO_BATCH_TOKENS", prompts["input_ids"].shape[1] + 2 * ids.shape[1])
     lr = 2.0
