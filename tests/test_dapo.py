@@ -289,7 +289,7 @@ def test_every_update_on_a_rollout_batch_is_against_the_sampling_policy(td, monk
 
     ref, processor, ref_params = policy()
     prompts, ids, mask, adv, prompt_of_row = td.collate(processor, groups)
-    assert ids.shape[1] == 8 and mask.any(0).nonzero().max() < 6 and not mask[6].any()  # the reference: all of it
+    assert ids.shape[1] == 8 and mask.any(0).nonzero().max() < 6 and not mask[6].any()  # a row, 2 positions to skip
     # micro-batches of 2 rows, so that the no-grad pass and the steps are cut differently
     monkeypatch.setattr(td, "MICRO_BATCH_TOKENS", prompts["input_ids"].shape[1] + 2 * ids.shape[1])
     lr = 2.0
