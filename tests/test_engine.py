@@ -373,6 +373,48 @@ def test_packed_update_matches_per_row_forward_with_lora(policy, monkeypatch, fa
     assert m.config.text_config._attn_implementation == "sdpa"  # the switch is undone
 
 
+def test_a_bf16_update_runs_its_fp32_adapters_in_bf16_and_the_delta_rule_in_fp32(policy, monkeypatch):
+    """A bf16 Qwen3.5 with LoRA's weights in fp32 (as peft keeps them): the update's adapters take bf16 inputs
+    under autocast, the Gated DeltaNet delta rule runs without it, and log-probs and LoRA gradients are those of
+    the same weights in fp32, to bf16's precision."""
+    from peft import LoraConfig, get_peft_model
+    m, p = policy
+    m, p = tiny.build_qwen3_5(p.tokenizer), tiny.build_qwen3_5_processor(p.tokenizer, 64 * 64)
+    torch.manual_seed(1)
+    lora = get_peft_model(m, LoraConfig(r=4, target_modules=r".*language_model.*(q_proj|v_proj|in_proj_qkv)"))
+    for name, w in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(w, std=0.1)
+    batch = model.encode(p, clips(2, seed=9), 64 * 64, [model.chat_text(p, BOXED), model.chat_text(p, BOXED)])
+    ids = engine.generate(lora.eval(), p, batch, num_samples=2, max_new_tokens=10).ids
+    half = copy.deepcopy(lora).to(torch.bfloat16)
+    for name, w in half.named_parameters():
+        if "lora_" in name:
+            w.data = w.data.float()
+    weight = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2))
+    prompt_of_row = torch.arange(2).repeat_interleave(2)
+    seen = []  # (what was called, autocast on, its first input's dtype)
+    for net in (lora, half):
+        net.base_model.model.model.language_model.layers[0].linear_attn.in_proj_qkv.lora_A["default"] \
+            .register_forward_pre_hook(lambda mod, args: seen.append(("lora", None, args[0].dtype)))
+    qwen3_5 = sys.modules[type(m.model.language_model.layers[0].linear_attn).__module__]
+    rule = qwen3_5.torch_chunk_gated_delta_rule
+    monkeypatch.setattr(qwen3_5, "torch_chunk_gated_delta_rule", lambda q, *a, **k: seen.append(
+        ("rule", torch.is_autocast_enabled("cpu"), q.dtype)) or rule(q, *a, **k))
+    results = []
+    for net in (lora.train(), half.train()):
+        params = [w for n, w in net.named_parameters() if "lora_" in n]
+        ours = engine.token_logprobs(net, batch, ids, prompt_of_row=prompt_of_row, checkpointing=True)
+        results.append((ours.float(), torch.autograd.grad((ours.float() * weight).sum(), params)))
+        assert all(g.dtype == torch.float32 for g in results[-1][1])
+    assert set(seen) == {("lora", None, torch.float32), ("lora", None, torch.bfloat16),  # each model's dtype
+                         ("rule", False, torch.float32), ("rule", False, torch.bfloat16)}
+    (full, full_grad), (bf16, bf16_grad) = results
+    torch.testing.assert_close(bf16, full, rtol=0, atol=0.1)
+    for a, b in zip(bf16_grad, full_grad):
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0) > 0.99
+
+
 def test_micro_batches_keep_to_the_packed_token_budget():
     group = torch.arange(3).repeat_interleave(4)  # 3 prompts x 4 completions; prompt 10 tokens, completion 5
     cut = engine.micro_batches(torch.arange(12), group, 10, 5, 40)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
+from peft.helpers import disable_input_dtype_casting
 from transformers import AttentionInterface
 
 from .families import family_of_model
@@ -536,16 +537,13 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
-@contextmanager
-def _fused_rms_norm(lm, offset: float = 0.0):
-    """The language model's RMSNorms as torch's fused kernel while decoding: one kernel instead of seven, which
-    saves 8% of a 7B decode step (BENCHMARKS.md). Same maths (the family's norm scales by weight + `offset`); the
-    output is rounded to bf16 once, not twice."""
-    norms = [m for m in lm.modules() if isinstance(m, type(lm.norm))]
-    with _forwards({m: partial(F.rms_norm, normalized_shape=m.weight.shape, weight=m.weight + offset if offset else
-                               m.weight, eps=getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
-                    for m in norms}):
-        yield
+def _fused_rms_norms(root, kind, offset: float = 0.0) -> dict:
+    """Forwards for `_forwards`: each RMSNorm of type `kind` under `root` as torch's fused kernel, one kernel
+    instead of seven (forward and backward), which saves 8% of a 7B decode step (BENCHMARKS.md). Same maths (the
+    family's norm scales by weight + `offset`); the output is rounded to bf16 once, not twice."""
+    return {m: partial(F.rms_norm, normalized_shape=m.weight.shape, weight=m.weight + offset if offset else m.weight,
+                       eps=getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
+            for m in root.modules() if isinstance(m, kind)}
 
 
 def _decode_delta_rule(device):
@@ -628,7 +626,8 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
         choose(logits)
 
     choose(first)
-    with (_fused_rms_norm(lm, family_of_model(model).norm_offset), _fused_rotary(lm), _fused_delta_rule(lm),
+    with (_forwards(_fused_rms_norms(lm, type(lm.norm), family_of_model(model).norm_offset)), _fused_rotary(lm),
+          _fused_delta_rule(lm),
           attention_as(lm.config, CASCADE) if cascade else nullcontext()):
         run = step_fn
         if max_new_tokens > 1 and ((device.type == "cuda") if cuda_graph is None else cuda_graph):
@@ -733,7 +732,7 @@ def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, ch
     embeds = torch.cat([embeds[:, :plen], blocks], 1)
     positions = torch.cat([positions[..., :plen], positions[..., plen:].repeat(1, 1, k)], -1)
     hidden = _packed_layers(core.model.language_model, embeds, positions,
-                            _Packed(attention[:, :plen], k, width), checkpointing)
+                            _Packed(attention[:, :plen], k, width), checkpointing, family_of_model(model).norm_offset)
     # completion token t of block j is predicted at position plen + j * width + t - 1 (t = 0: the prompt's last)
     at = plen + slot.to(ids.device)[:, None] * width + torch.arange(width, device=ids.device) - 1
     at[:, 0] = plen - 1
@@ -842,6 +841,7 @@ def _packed_linear(forward, packed, hidden_states, attention_mask=None, cache_pa
     states, chunks = _LinearStates(), _delta_rule_chunks(hidden_states.device)
     module = sys.modules[type(forward.__self__).__module__]
     rule = _update_delta_rule(module.torch_chunk_gated_delta_rule, hidden_states)
+    rule = torch.autocast(hidden_states.device.type, enabled=False)(rule)  # fp32 as ever (its state accumulates)
     with patch.object(module, "torch_chunk_gated_delta_rule", rule):
         prompt = forward(hidden_states[:, :plen] * packed.prompt[..., None].to(hidden_states.dtype),
                          cache_params=states, **chunks)
@@ -886,21 +886,36 @@ def _delta_rule_chunks(device) -> dict:
     return {"chunk_size": 16} if device.type == "cpu" else {}
 
 
-def _packed_layer(layer, hidden, rope, packed):
+def _packed_layer(layer, hidden, rope, packed, norms):
     """One decoder layer over packed sequences: its attention as `_packed_attention`, or its linear attention as
-    `_packed_linear`. The switches live in here, not around the loop: a checkpointed layer runs again in backward,
-    after token_logprobs has returned."""
+    `_packed_linear`, its adapters as `_adapters_in` says, its RMSNorms as `norms` (`_forwards`). The switches live
+    in here, not around the loop: a checkpointed layer runs again in backward, after token_logprobs has returned."""
     own_checkpointing, layer.gradient_checkpointing = layer.gradient_checkpointing, False
     attention, mixer = getattr(layer, "self_attn", None), getattr(layer, "linear_attn", None)
     if mixer is not None:
         mixer.forward = partial(_packed_linear, type(mixer).forward.__get__(mixer), packed)
     try:
-        with attention_as(attention.config, PACKED) if attention is not None else nullcontext():
+        with (attention_as(attention.config, PACKED) if attention is not None else nullcontext(),
+              _adapters_in(layer, hidden), _forwards(norms)):
             return layer(hidden, attention_mask=packed, position_embeddings=rope)
     finally:
         layer.gradient_checkpointing = own_checkpointing
         if mixer is not None:
             del mixer.forward
+
+
+@contextmanager
+def _adapters_in(layer, hidden: torch.Tensor):
+    """LoRA in the dtype of the hidden states (bf16) from its fp32 weights, as the Hugging Face Trainer runs it
+    with bf16 on: autocast, with peft's own input cast turned off. peft alone casts each adapter's input to fp32 and
+    its output back, a full copy of the micro-batch's activations per adapter: the 7B update with every layer
+    checkpointed took 7.70 s, 7.08 s this way (BENCHMARKS.md). The gradients still reach the fp32 weights. An fp32
+    model runs as it is."""
+    if hidden.dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(hidden.device.type, dtype=hidden.dtype), disable_input_dtype_casting(layer):
+        yield
 
 
 MEMORY_RESERVE = 0.25  # share of the GPU's memory that checkpointing "by memory" leaves free for the backward pass
@@ -915,7 +930,7 @@ def _memory(device) -> tuple[int, int] | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
 
 
-def _packed_layers(lm, embeds, positions, packed, checkpointing):
+def _packed_layers(lm, embeds, positions, packed, checkpointing, norm_offset: float):
     """The language model over packed sequences. With gradients, `checkpointing` says which decoder layers are
     recomputed in backward instead of keeping their activations: True every one, False none, an int the first
     that many, "memory" each one only once keeping its activations (as much as the last kept layer's) would leave
@@ -933,10 +948,11 @@ def _packed_layers(lm, embeds, positions, packed, checkpointing):
             recompute = memory is not None and memory[0] - kept < MEMORY_RESERVE * memory[1]
         else:
             recompute = i < int(checkpointing) if not isinstance(checkpointing, bool) else checkpointing
+        norms = _fused_rms_norms(layer, type(lm.norm), norm_offset)
         if recompute:
-            h = checkpoint(_packed_layer, layer, h, rope, packed, use_reentrant=False)
+            h = checkpoint(_packed_layer, layer, h, rope, packed, norms, use_reentrant=False)
         else:
             before = torch.cuda.memory_allocated(h.device) if h.device.type == "cuda" else 0
-            h = _packed_layer(layer, h, rope, packed)
+            h = _packed_layer(layer, h, rope, packed, norms)
             kept = (torch.cuda.memory_allocated(h.device) if h.device.type == "cuda" else 0) - before
     return lm.norm(h)
