@@ -117,7 +117,8 @@ def video_features(model, batch, prompts: list[int] | None = None) -> dict[int, 
     grid = batch["video_grid_thw"]
     pixels = batch["pixel_values_videos"].split(grid.prod(-1).tolist())
     core = unwrap(model).model
-    with attention_as(core.visual.config, WINDOWS), _vision_kernels(core.visual):
+    with (attention_as(core.visual.config, WINDOWS),
+          _vision_kernels(core.visual, type(core.language_model.norm), family_of_model(model).norm_offset)):
         out = core.get_video_features(torch.cat([pixels[i] for i in prompts]), grid[prompts], return_dict=True)
     return dict(zip(prompts, out.pooler_output))
 
@@ -133,7 +134,7 @@ def _forwards(patches: dict):
 
 
 @contextmanager
-def _vision_kernels(module):
+def _vision_kernels(module, norm_kind: type | None = None, offset: float = 0.0):
     """The same sums on faster kernels for the vision tower `module`:
     - Its patch embedding, a Conv3d whose kernel is the whole of each input patch, runs as the matmul it is. On a
       CPU a tiny model's update pass (8 videos, 64 rows, forward and backward) took 152 ms with the conv, 142 ms
@@ -141,12 +142,18 @@ def _vision_kernels(module):
     - Its linear layers with a width that is not a multiple of 8 (16 bytes in bf16) run with that width zero-padded
       to a multiple of 64 (weights and input; the output cut back), on cuBLAS's aligned kernels. Qwen2.5-VL's
       vision MLP is 3,420 wide: its matmuls ran on sm80 fallback kernels at 2.2-2.6 ms each, a fifth of a 7B
-      rollout's prefill (BENCHMARKS.md). Only without gradients (the frozen tower): a block checkpointed in
-      backward would be recomputed after this context, unpadded."""
+      rollout's prefill (BENCHMARKS.md).
+    - Its RMSNorms of type `norm_kind` (Qwen2.5-VL's; Qwen3.5's tower has LayerNorms) as `_fused_rms_norms`: seven
+      kernels each over 65k patches for 8 videos at 448².
+    The last two only without gradients (the frozen tower): a block checkpointed in backward would be recomputed
+    after this context, as it was not run."""
+    frozen = not torch.is_grad_enabled()
     odd = [m for m in module.modules() if type(m) is torch.nn.Linear and m.weight.is_floating_point()
-           and (m.in_features % 8 or m.out_features % 8)] if not torch.is_grad_enabled() else []
+           and (m.in_features % 8 or m.out_features % 8)] if frozen else []
     patches = [m for m in module.modules() if type(m) is torch.nn.Conv3d]
-    with _forwards({m: partial(_padded_linear, m) for m in odd} | {m: partial(_patch_linear, m) for m in patches}):
+    norms = _fused_rms_norms(module, norm_kind, offset) if frozen and norm_kind else {}
+    with _forwards({m: partial(_padded_linear, m) for m in odd} | {m: partial(_patch_linear, m) for m in patches}
+                   | norms):
         yield
 
 
@@ -583,8 +590,10 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
     device = core.lm_head.weight.device
     batch = {k: v.to(device) for k, v in batch.items()}
     embeds, positions, attention = _inputs(core, batch, video_features(model, batch))
-    out = lm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
-             **_delta_rule_chunks(device))
+    norms = _fused_rms_norms(lm, type(lm.norm), family_of_model(model).norm_offset)
+    with _forwards(norms):
+        out = lm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
+                 **_delta_rule_chunks(device))
     first = core.lm_head(out.last_hidden_state[:, -1]).float().repeat_interleave(num_samples, 0)
 
     rows = len(first)
@@ -629,8 +638,7 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
         choose(logits)
 
     choose(first)
-    with (_forwards(_fused_rms_norms(lm, type(lm.norm), family_of_model(model).norm_offset)), _fused_rotary(lm),
-          _fused_delta_rule(lm),
+    with (_forwards(norms), _fused_rotary(lm), _fused_delta_rule(lm),
           attention_as(lm.config, CASCADE) if cascade else nullcontext()):
         run = step_fn
         if max_new_tokens > 1 and ((device.type == "cuda") if cuda_graph is None else cuda_graph):
