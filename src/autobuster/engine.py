@@ -17,10 +17,10 @@ from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
+from peft.helpers import disable_input_dtype_casting
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
-from peft.helpers import disable_input_dtype_casting
 from transformers import AttentionInterface
 
 from .families import family_of_model
