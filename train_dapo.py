@@ -259,7 +259,8 @@ def rollout(model, processor, clips, stats, errors, shares, mixed=False, scorer=
             shares[row["label"]] += MEMORY * (keep - shares[row["label"]])
             if keep and len(kept[row["label"]]) < quota[row["label"]]:
                 kept[row["label"]].append(dict(label=row["label"], frames=frames, mode=mode, ids=done.ids[rows],
-                                               mask=done.mask[rows], rewards=rewards, well_formed=well_formed))
+                                               mask=done.mask[rows], rewards=rewards, well_formed=well_formed,
+                                               features=None if TRAIN_VISION else done.features[i]))
     # real and fake in turn, so each of the UPDATES_PER_BATCH optimizer steps (consecutive groups) is as balanced
     # as its share allows (8 groups in 3 steps: 3, 3, 2 groups, the odd ones one label short)
     groups = [g for pair in zip_longest(*kept.values()) for g in pair if g]
@@ -305,10 +306,8 @@ def update(model, opt, processor, groups, stats):
     prompts = {k: v.to(device) for k, v in prompts.items()}
     ids, mask, adv = ids.to(device), mask.to(device), adv.to(device)
     rows = torch.arange(len(ids))
-    features = None
-    if not TRAIN_VISION and groups:  # a frozen tower sees each video once per step, whatever the number of passes
-        with torch.no_grad():
-            features = engine.video_features(model, prompts)
+    # a frozen tower saw each video once in the rollout: its features serve every pass of the update
+    features = None if TRAIN_VISION or not groups else {i: g["features"] for i, g in enumerate(groups)}
 
     def micro(part):
         part = part[mask[part].any(1).cpu()]

@@ -37,7 +37,7 @@ def worker(out: Path):
     from peft import LoraConfig, get_peft_model
 
     import train_dapo as td
-    from autobuster import dataset, distributed
+    from autobuster import dataset, distributed, engine
     from autobuster.model import load, lora_targets
 
     rank, world = distributed.init()
@@ -60,7 +60,12 @@ def worker(out: Path):
         before = {n: p.detach().clone() for n, p in trainable.items()}
         # SGD, not AdamW: Adam's first step is lr * sign(grad), blind to a wrongly scaled gradient
         opt = torch.optim.SGD(trainable.values(), lr=LR)
-        loss, _, _, norm = td.update(model, opt, processor, [groups[i] for i in split[rank]], {"step": 0})
+        mine = [groups[i] for i in split[rank]]
+        if not td.TRAIN_VISION and mine:  # the video features a rollout keeps with its groups for a frozen tower
+            with torch.no_grad():
+                features = engine.video_features(model, td.collate(processor, mine)[0])
+            mine = [g | dict(features=features[i]) for i, g in enumerate(mine)]
+        loss, _, _, norm = td.update(model, opt, processor, mine, {"step": 0})
         torch.save(dict(loss=loss, norm=norm, before=before, distributed=torch.distributed.is_initialized(),
                         after={n: p.detach().clone() for n, p in trainable.items()}),
                    out / f"{name}-{vision}-{rank}.pt")

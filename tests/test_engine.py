@@ -343,6 +343,13 @@ def test_token_logprobs_match_a_full_forward(policy):
     with torch.no_grad():
         sub = engine.token_logprobs(m, batch, done.ids[part], prompt_of_row=torch.tensor([0, 1, 1]))
     assert torch.allclose(sub, ref[part].detach(), atol=1e-4)
+    # the rollout's video features are the tower's, and serve the update of a frozen tower
+    with torch.no_grad():
+        fresh = engine.video_features(m, batch)
+        again = engine.token_logprobs(m, batch, done.ids, prompt_of_row=torch.arange(2).repeat_interleave(3),
+                                      features=done.features)
+    assert done.features.keys() == fresh.keys() and all(torch.equal(done.features[i], fresh[i]) for i in fresh)
+    assert torch.allclose(again, ref.detach(), atol=1e-4)
 
 
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3.5"])
@@ -403,8 +410,8 @@ def test_a_bf16_update_runs_its_fp32_adapters_in_bf16_and_the_delta_rule_in_fp32
     under autocast, the Gated DeltaNet delta rule runs without it, and log-probs and LoRA gradients are those of
     the same weights in fp32, to bf16's precision."""
     from peft import LoraConfig, get_peft_model
-    m, p = policy
-    m, p = tiny.build_qwen3_5(p.tokenizer), tiny.build_qwen3_5_processor(p.tokenizer, 64 * 64)
+    tok = policy[1].tokenizer
+    m, p = tiny.build_qwen3_5(tok), tiny.build_qwen3_5_processor(tok, 64 * 64)
     torch.manual_seed(1)
     lora = get_peft_model(m, LoraConfig(r=4, target_modules=r".*language_model.*(q_proj|v_proj|in_proj_qkv)"))
     for name, w in lora.named_parameters():

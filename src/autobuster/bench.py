@@ -178,22 +178,24 @@ def copy_bandwidth() -> float:
 
 
 def engine_rollout(model, batch, group, new, r):
-    """Vision + prefill + first token, then the full rollout."""
+    """Vision + prefill + first token, then the full rollout: (ids, what the update takes from it)."""
     kw = dict(ends=[], banned=special(model), pad=0)
     engine.decode(model, batch, group, 2, **kw)  # warm-up: kernels, allocator, graph capture
     with clock(r, "prefill_s"):
         engine.decode(model, batch, group, 1, **kw)
     peak_gb(reset=True)
-    with clock(r, "rollout_s"):
-        ids, _ = engine.decode(model, batch, group, new, **kw)
+    with clock(r, "rollout_s"), torch.no_grad():
+        features = engine.video_features(model, batch)
+        ids, _ = engine.decode(model, batch, group, new, features=features, **kw)
     r["rollout_peak_gb"] = peak_gb(reset=True)
-    return ids
+    return ids, dict(features=features)
 
 
-def engine_update(model, batch, ids, group, micro_tokens, r, checkpointing="memory"):
+def engine_update(model, batch, ids, group, micro_tokens, r, checkpointing="memory", features=None):
     """Old log-probs (no grad) and one forward/backward over every completion, micro-batched by token budget;
     under torchrun the gradients are summed over the ranks, as train_dapo.py does. `checkpointing` as
-    train_dapo.py's GRADIENT_CHECKPOINTING."""
+    train_dapo.py's GRADIENT_CHECKPOINTING. The 7B tower is frozen: the rollout's video `features` serve every
+    pass, as in train_dapo.py."""
     prompt_of_row = torch.arange(len(batch["input_ids"])).repeat_interleave(group)
     micro = engine.micro_batches(torch.arange(len(ids)), prompt_of_row, batch["input_ids"].shape[1], ids.shape[1],
                                  micro_tokens)
@@ -201,7 +203,6 @@ def engine_update(model, batch, ids, group, micro_tokens, r, checkpointing="memo
     batch = {k: v.to(ids.device) for k, v in batch.items()}
     with clock(r, "update_s"):
         with torch.no_grad():
-            features = engine.video_features(model, batch)  # the 7B tower is frozen: once per video
             old = [engine.token_logprobs(model, batch, ids[p], prompt_of_row=prompt_of_row[p], features=features)
                    for p in micro]
         for p, o in zip(micro, old):
@@ -239,7 +240,7 @@ def plain_rollout(model, batch, group, new, r):
     with clock(r, "rollout_s"):
         out = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, **kw)
     r["rollout_peak_gb"] = peak_gb(reset=True)
-    return out[:, batch["input_ids"].shape[1]:]
+    return out[:, batch["input_ids"].shape[1]:], {}
 
 
 def plain_update(model, batch, ids, group, rows_per_micro, r):
@@ -365,10 +366,10 @@ def bench(size="7b", frames=16, side=448, prompts_per_step=8, group=8, new_token
         try:
             model.eval()
             with engine.merged_lora(model) if name == "engine" else torch.no_grad():
-                ids = rollout(model, batch, group, new_tokens, r)
+                ids, taken = rollout(model, batch, group, new_tokens, r)
             model.train()
             try:
-                update(model, batch, ids, group, micro, r)
+                update(model, batch, ids, group, micro, r, **taken)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as e:  # a kernel that refuses this GPU (fla's backward on Hopper with old Triton)

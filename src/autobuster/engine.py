@@ -38,6 +38,8 @@ class Completions:
     truncated: torch.Tensor  # [rows] bool: no end token within max_new_tokens
     texts: list[str]  # decoded completions, special tokens removed
     tracked: torch.Tensor | None = None  # [rows, L, len(track_ids)] raw logits of the tracked tokens
+    features: dict[int, torch.Tensor] | None = None  # the vision tower's output per prompt (`video_features`): a
+    # frozen tower's serve the update too, which then runs no video through it again
 
 
 def end_ids(tokenizer) -> list[int]:
@@ -114,9 +116,10 @@ def attention_as(config, name: str):
 def video_features(model, batch, prompts: list[int] | None = None) -> dict[int, torch.Tensor]:
     """The vision tower's output for the videos of `prompts` (all by default): prompt index -> [tokens, hidden]."""
     prompts = list(range(len(batch["input_ids"]))) if prompts is None else prompts
-    grid = batch["video_grid_thw"]
-    pixels = batch["pixel_values_videos"].split(grid.prod(-1).tolist())
     core = unwrap(model).model
+    device = next(core.visual.parameters()).device
+    grid = batch["video_grid_thw"].to(device)
+    pixels = batch["pixel_values_videos"].to(device).split(grid.prod(-1).tolist())
     with (attention_as(core.visual.config, WINDOWS),
           _vision_kernels(core.visual, type(core.language_model.norm), family_of_model(model).norm_offset)):
         out = core.get_video_features(torch.cat([pixels[i] for i in prompts]), grid[prompts], return_dict=True)
@@ -581,15 +584,17 @@ def _fused_delta_rule(lm):
 @torch.no_grad()
 def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int], banned: list[int], pad: int,
            greedy: bool = False, temperature: float = 1.0, track_ids: list[int] | None = None,
-           cuda_graph: bool | None = None, cascade: bool | None = None):
+           cuda_graph: bool | None = None, cascade: bool | None = None,
+           features: dict[int, torch.Tensor] | None = None):
     """(ids [rows, steps], tracked logits or None). Rows are prompt-major; a row that ended gets `pad`. With no
     `ends` every row runs to max_new_tokens (the benchmark's setting). `cascade`: share each prompt's cache among
-    its rows (`_CascadeCache`); by default wherever `uses_cascade` says it applies."""
+    its rows (`_CascadeCache`); by default wherever `uses_cascade` says it applies. `features`: the videos'
+    `video_features`, when the caller has them."""
     core = unwrap(model)
     lm = core.model.language_model
     device = core.lm_head.weight.device
     batch = {k: v.to(device) for k, v in batch.items()}
-    embeds, positions, attention = _inputs(core, batch, video_features(model, batch))
+    embeds, positions, attention = _inputs(core, batch, features or video_features(model, batch))
     norms = _fused_rms_norms(lm, type(lm.norm), family_of_model(model).norm_offset)
     with _forwards(norms):
         out = lm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions, use_cache=True,
@@ -690,14 +695,16 @@ def generate(model, processor, batch, num_samples: int = 1, max_new_tokens: int 
     generation config says; special tokens other than the end tokens are never chosen."""
     tok = processor.tokenizer
     ends = end_ids(tok)
-    with merged_lora(model):
+    with merged_lora(model), torch.no_grad():
+        features = video_features(model, batch)
         ids, tracked = decode(model, batch, 1 if greedy else num_samples, max_new_tokens, ends, banned_ids(tok),
-                              tok.pad_token_id, greedy=greedy, temperature=temperature, track_ids=track_ids)
+                              tok.pad_token_id, greedy=greedy, temperature=temperature, track_ids=track_ids,
+                              features=features)
     mask, truncated = completion_mask(ids, ends)
     ids = ids.masked_fill(mask == 0, tok.pad_token_id).cpu()
     mask, truncated = mask.cpu(), truncated.cpu()
     texts = tok.batch_decode(ids, skip_special_tokens=True)
-    return Completions(ids, mask, mask.sum(1), truncated, texts, tracked)
+    return Completions(ids, mask, mask.sum(1), truncated, texts, tracked, features)
 
 
 def reply_ids(tokenizer, replies: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -742,12 +749,13 @@ def token_logprobs(model, batch, ids: torch.Tensor, temperature: float = 1.0, ch
     blocks.view(len(prompts), k, width, -1)[where] = core.model.get_input_embeddings()(ids)
     embeds = torch.cat([embeds[:, :plen], blocks], 1)
     positions = torch.cat([positions[..., :plen], positions[..., plen:].repeat(1, 1, k)], -1)
-    hidden = _packed_layers(core.model.language_model, embeds, positions,
-                            _Packed(attention[:, :plen], k, width), checkpointing, family_of_model(model).norm_offset)
+    lm = core.model.language_model
+    norms = _fused_rms_norms(lm, type(lm.norm), family_of_model(model).norm_offset)
+    hidden = _packed_layers(lm, embeds, positions, _Packed(attention[:, :plen], k, width), checkpointing, norms)
     # completion token t of block j is predicted at position plen + j * width + t - 1 (t = 0: the prompt's last)
     at = plen + slot.to(ids.device)[:, None] * width + torch.arange(width, device=ids.device) - 1
     at[:, 0] = plen - 1
-    hidden = hidden[seq_of_row.to(ids.device)[:, None], at]
+    hidden = norms[lm.norm](hidden[seq_of_row.to(ids.device)[:, None], at])  # the final norm where lm_head reads
 
     def rows_logprobs(h, target):
         logits = core.lm_head(h).float() / temperature
@@ -941,12 +949,13 @@ def _memory(device) -> tuple[int, int] | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device), total
 
 
-def _packed_layers(lm, embeds, positions, packed, checkpointing, norm_offset: float):
-    """The language model over packed sequences. With gradients, `checkpointing` says which decoder layers are
-    recomputed in backward instead of keeping their activations: True every one, False none, an int the first
-    that many, "memory" each one only once keeping its activations (as much as the last kept layer's) would leave
-    less than MEMORY_RESERVE of the GPU free (none off a GPU); None follows the model's gradient-checkpointing
-    setting (all or none)."""
+def _packed_layers(lm, embeds, positions, packed, checkpointing, norms: dict):
+    """The decoder layers over packed sequences (the final norm is the caller's), their RMSNorms as `norms`
+    (`_fused_rms_norms`, built once per pass). With gradients, `checkpointing` says which decoder layers are
+    recomputed in backward instead of keeping their activations: True every one, False none, an int the first that
+    many, "memory" each one only once keeping its activations (as much as the last kept layer's) would leave less
+    than MEMORY_RESERVE of the GPU free (none off a GPU); None follows the model's gradient-checkpointing setting
+    (all or none)."""
     if checkpointing is None:
         checkpointing = lm.training and any(x.gradient_checkpointing for x in lm.layers)
     h, rope = embeds, lm.rotary_emb(embeds, positions)
@@ -959,11 +968,11 @@ def _packed_layers(lm, embeds, positions, packed, checkpointing, norm_offset: fl
             recompute = memory is not None and memory[0] - kept < MEMORY_RESERVE * memory[1]
         else:
             recompute = i < int(checkpointing) if not isinstance(checkpointing, bool) else checkpointing
-        norms = _fused_rms_norms(layer, type(lm.norm), norm_offset)
+        own = {m: norms[m] for m in layer.modules() if m in norms}
         if recompute:
-            h = checkpoint(_packed_layer, layer, h, rope, packed, norms, use_reentrant=False)
+            h = checkpoint(_packed_layer, layer, h, rope, packed, own, use_reentrant=False)
         else:
             before = torch.cuda.memory_allocated(h.device) if h.device.type == "cuda" else 0
-            h = _packed_layer(layer, h, rope, packed, norms)
+            h = _packed_layer(layer, h, rope, packed, own)
             kept = (torch.cuda.memory_allocated(h.device) if h.device.type == "cuda" else 0) - before
-    return lm.norm(h)
+    return h
