@@ -458,6 +458,18 @@ def test_micro_batches_keep_to_the_packed_token_budget():
     assert engine.micro_batches(torch.arange(0), group, 10, 5, 40) == []
 
 
+def test_every_mlp_of_the_prefill_and_the_decode_steps_runs_its_silu_product_in_one_call(policy, monkeypatch):
+    """`_fused_mlps`: the language model's MLPs compute SiLU(gate) * up in `_silu_mul`, one compiled kernel on a GPU
+    (the outputs stay Hugging Face's: test_greedy_matches_hf_generate runs through it)."""
+    m, p = policy
+    seen = []
+    monkeypatch.setattr(engine, "_silu_mul", lambda g, u: seen.append(g.shape[1]) or torch.nn.functional.silu(g) * u)
+    batch = model.encode(p, clips(1), 56 * 56, model.chat_text(p, ANSWER))
+    engine.generate(m, p, batch, greedy=True, max_new_tokens=3)
+    layers = len(m.model.language_model.layers)
+    assert seen == [batch["input_ids"].shape[1]] * layers + [1] * (2 * layers)  # the prompt, then 2 decode steps
+
+
 def test_sampling_follows_the_softmax(policy):
     """Empirical first-token frequencies of 4,000 samples against softmax(logits / T) of a plain forward."""
     m, p = policy
