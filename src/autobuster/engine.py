@@ -611,7 +611,8 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
     core = unwrap(model)
     lm = core.model.language_model
     device = core.lm_head.weight.device
-    batch = {k: v.to(device) for k, v in batch.items()}
+    # given features, the pixels stay where they are (at 7B, 0.3 GB for 8 videos)
+    batch = {k: v.to(device) for k, v in batch.items() if not (features and k == "pixel_values_videos")}
     embeds, positions, attention = _inputs(core, batch, features or video_features(model, batch))
     kernels = _fused_rms_norms(lm, type(lm.norm), family_of_model(model).norm_offset) | _fused_mlps(lm)
     with _forwards(kernels):
