@@ -470,6 +470,20 @@ def test_every_mlp_of_the_prefill_and_the_decode_steps_runs_its_silu_product_in_
     assert seen == [batch["input_ids"].shape[1]] * layers + [1] * (2 * layers)  # the prompt, then 2 decode steps
 
 
+def test_every_residual_add_of_a_decode_step_runs_in_one_call_with_the_norm_after_it(policy, monkeypatch):
+    """`_decode_layers`: in each decode step every residual add but none before the first layer (two per layer,
+    the last one with the final norm) goes through `_add_rms_norm`, one compiled kernel on a GPU, and the prefill
+    runs the layers as they are (the outputs stay Hugging Face's: the greedy tests of both families run through
+    it)."""
+    m, p = policy
+    seen = []
+    add_norm = engine._add_rms_norm
+    monkeypatch.setattr(engine, "_add_rms_norm", lambda *a: seen.append(a[0].shape[1]) or add_norm(*a))
+    batch = model.encode(p, clips(1), 56 * 56, model.chat_text(p, ANSWER))
+    engine.generate(m, p, batch, greedy=True, max_new_tokens=3)
+    assert seen == [1] * (2 * 2 * len(m.model.language_model.layers))  # 2 decode steps
+
+
 def test_sampling_follows_the_softmax(policy):
     """Empirical first-token frequencies of 4,000 samples against softmax(logits / T) of a plain forward."""
     m, p = policy

@@ -622,7 +622,6 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
 
     rows = len(first)
     room = max_new_tokens + 2  # CUDA-graph capture runs the step twice first: room for those writes
-    layer_types = getattr(lm.config, "layer_types", None) or ["full_attention"] * len(lm.layers)
     cascade = uses_cascade(model, num_samples) if cascade is None else cascade
     cache = (_CascadeCache(out.past_key_values, attention, num_samples, room, attend_with_lse(device, embeds.dtype))
              if cascade else _StaticCache(out.past_key_values, attention, num_samples, room))
@@ -653,11 +652,8 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
         cache.advance(step)
         h = lm.embed_tokens(token).unsqueeze(1)
         pos = (next_pos + step).view(1, rows, 1).expand(3, rows, 1)
-        rope = lm.rotary_emb(h, pos)
-        for layer, kind in zip(lm.layers, layer_types):  # a linear-attention layer takes no mask when decoding
-            h = layer(h, attention_mask=cache.mask if kind == "full_attention" else None, position_embeddings=rope,
-                      past_key_values=cache, use_cache=True)
-        logits = core.lm_head(lm.norm(h[:, -1])).float()
+        h = _decode_layers(lm, h, kernels, cache, lm.rotary_emb(h, pos))
+        logits = core.lm_head(h[:, -1]).float()
         step.add_(1)
         choose(logits)
 
@@ -675,6 +671,37 @@ def decode(model, batch, num_samples: int, max_new_tokens: int, ends: list[int],
             run()
     n = int(step.item()) + 1
     return ids[:, :n], (tracked[:, :n].cpu() if track_ids else None)
+
+
+def _decode_layers(lm, h, norms: dict, cache, rope) -> torch.Tensor:
+    """The decoder layers and the final norm over one decode step's tokens `h`, as each layer computes them, but
+    with every residual add done in one call with the RMSNorm after it (`_add_rms_norm`, compiled on a GPU): 56 of
+    a 7B step's 483 kernels (BENCHMARKS.md). The layers' attention, linear attention and MLP modules run as they
+    are, and `norms` (`_fused_rms_norms`) gives each RMSNorm's weight and epsilon."""
+    add_norm = _compiled(_add_rms_norm) if h.is_cuda else _add_rms_norm
+    residual, delta = h, None
+
+    def norm(m):  # the next sublayer's input, and the residual stream with everything added so far
+        if delta is None:
+            return norms[m](residual), residual
+        return add_norm(delta, residual, norms[m].keywords["weight"], norms[m].keywords["eps"])
+
+    for layer in lm.layers:
+        x, residual = norm(layer.input_layernorm)
+        if hasattr(layer, "linear_attn"):  # Qwen3.5's Gated DeltaNet layers take no mask when decoding
+            delta = layer.linear_attn(hidden_states=x, cache_params=cache, attention_mask=None)
+        else:
+            delta = layer.self_attn(hidden_states=x, attention_mask=cache.mask, position_embeddings=rope,
+                                    past_key_values=cache, use_cache=True)[0]
+        x, residual = norm(layer.post_attention_layernorm)
+        delta = layer.mlp(x)
+    return norm(lm.norm)[0]
+
+
+def _add_rms_norm(x, residual, weight, eps: float):
+    """(RMSNorm of x + residual, x + residual): a decoder layer's residual add and the norm that reads its sum."""
+    h = x + residual
+    return F.rms_norm(h, weight.shape, weight, eps), h
 
 
 def _log_exp1(like: torch.Tensor) -> torch.Tensor:
