@@ -459,15 +459,18 @@ def test_micro_batches_keep_to_the_packed_token_budget():
 
 
 def test_every_mlp_of_the_prefill_and_the_decode_steps_runs_its_silu_product_in_one_call(policy, monkeypatch):
-    """`_fused_mlps`: the language model's MLPs compute SiLU(gate) * up in `_silu_mul`, one compiled kernel on a GPU
-    (the outputs stay Hugging Face's: test_greedy_matches_hf_generate runs through it)."""
+    """`_fused_mlps`: the frozen tower's and the language model's MLPs compute SiLU(gate) * up in `_silu_mul`, one
+    compiled kernel on a GPU (the outputs stay Hugging Face's: test_greedy_matches_hf_generate runs through it)."""
     m, p = policy
     seen = []
-    monkeypatch.setattr(engine, "_silu_mul", lambda g, u: seen.append(g.shape[1]) or torch.nn.functional.silu(g) * u)
+    monkeypatch.setattr(engine, "_silu_mul", lambda g, u: seen.append(tuple(g.shape[:-1])) or
+                        torch.nn.functional.silu(g) * u)
     batch = model.encode(p, clips(1), 56 * 56, model.chat_text(p, ANSWER))
     engine.generate(m, p, batch, greedy=True, max_new_tokens=3)
-    layers = len(m.model.language_model.layers)
-    assert seen == [batch["input_ids"].shape[1]] * layers + [1] * (2 * layers)  # the prompt, then 2 decode steps
+    layers, blocks = len(m.model.language_model.layers), len(m.model.visual.blocks)
+    patches, prompt = int(batch["video_grid_thw"].prod()), batch["input_ids"].shape[1]
+    # the tower's MLPs over its patches, the language model's over the prompt, then over 2 decode steps' tokens
+    assert seen == [(patches,)] * blocks + [(1, prompt)] * layers + [(1, 1)] * (2 * layers)
 
 
 def test_every_residual_add_of_a_decode_step_runs_in_one_call_with_the_norm_after_it(policy, monkeypatch):
@@ -583,9 +586,12 @@ def test_four_bit_load_keeps_vision_and_lm_head_unquantised(tiny_home):
     assert done.ids.shape[0] == 1
 
 
-def test_batched_vision_windows_match_the_hf_tower():
+@pytest.mark.parametrize("grids", [[[2, 4, 4], [4, 12, 20], [2, 22, 10], [1, 16, 16]], [[2, 16, 16], [4, 16, 16]]],
+                         ids=["windows-of-several-sizes", "windows-of-one-size"])
+def test_batched_vision_windows_match_the_hf_tower(grids):
     """The tower with one attention call per window length equals Hugging Face's call per window, values and
-    gradients, on videos whose windows differ in size (grids not multiples of the window)."""
+    gradients, on videos whose windows differ in size (grids not multiples of the window) and on videos whose
+    windows are all of one size (taken as views of the tokens)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VisionTransformerPretrainedModel,
                                                                     Qwen2_5_VLVisionConfig)
     torch.manual_seed(0)
@@ -593,7 +599,7 @@ def test_batched_vision_windows_match_the_hf_tower():
                                     fullatt_block_indexes=[1, 3], window_size=112)
     config._attn_implementation = "sdpa"
     tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(config).float()
-    grid = torch.tensor([[2, 4, 4], [4, 12, 20], [2, 22, 10], [1, 16, 16]])
+    grid = torch.tensor(grids)
     pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
     weight = tower.patch_embed.proj.weight
 
@@ -613,7 +619,8 @@ def test_batched_vision_windows_match_the_hf_tower():
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     lengths = {int(s[2]) for s in calls}
-    assert len(lengths) > 1 and len(calls) <= 4 * len(lengths)  # a call per window length and layer, not per window
+    assert len(calls) <= 4 * len(lengths)  # a call per window length and layer, not per window
+    assert (len(calls) == 4) == (len(grids) == 2)  # one per layer where each layer's windows are of one size
 
 
 def test_odd_width_vision_layers_run_padded_with_the_same_result():

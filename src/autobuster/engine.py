@@ -88,8 +88,14 @@ def _window_attention(module, query, key, value, attention_mask=None, scaling=No
     8 videos at 448²). q/k/v are [1, heads, tokens, dim]; cu_seq_lens_q holds the window bounds."""
     heads, tokens, dim = query.shape[1:]
     starts, lengths = cu_seq_lens_q[:-1], cu_seq_lens_q.diff()
+    sizes = lengths.unique().tolist()
+    if len(sizes) == 1:  # windows of one size (frame sides multiples of the window, as at 448²) tile the tokens in
+        # order: views, no gather and no scatter (a tenth of a 7B tower's time, BENCHMARKS.md)
+        q, k, v = (x[0].unflatten(1, (len(lengths), -1)).transpose(0, 1) for x in (query, key, value))
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)  # [windows, heads, length, dim]
+        return o.transpose(1, 2).reshape(1, tokens, heads, dim), None
     out = query.new_zeros(heads, tokens, dim)
-    for length in lengths.unique().tolist():
+    for length in sizes:
         first = starts[lengths == length]
         at = (first[:, None] + torch.arange(length, device=query.device)).flatten()
         q, k, v = (x[0, :, at].unflatten(1, (len(first), length)).transpose(0, 1) for x in (query, key, value))
@@ -149,15 +155,23 @@ def _vision_kernels(module, norm_kind: type | None = None, offset: float = 0.0):
       rollout's prefill (BENCHMARKS.md).
     - Its RMSNorms of type `norm_kind` (Qwen2.5-VL's; Qwen3.5's tower has LayerNorms) as `_fused_rms_norms`: seven
       kernels each over 65k patches for 8 videos at 448².
-    The last two only without gradients (the frozen tower): a block checkpointed in backward would be recomputed
+    - Its SwiGLU MLPs (Qwen2.5-VL's) as `_fused_mlps`, and on a GPU its rotary embedding (both families) compiled
+      into one kernel for q and k, where Hugging Face's casts both to fp32 and back around a dozen kernels: a
+      quarter of a 7B tower's time (BENCHMARKS.md).
+    The last four only without gradients (the frozen tower): a block checkpointed in backward would be recomputed
     after this context, as it was not run."""
     frozen = not torch.is_grad_enabled()
     odd = [m for m in module.modules() if type(m) is torch.nn.Linear and m.weight.is_floating_point()
            and (m.in_features % 8 or m.out_features % 8)] if frozen else []
     patches = [m for m in module.modules() if type(m) is torch.nn.Conv3d]
     norms = _fused_rms_norms(module, norm_kind, offset) if frozen and norm_kind else {}
-    with _forwards({m: partial(_padded_linear, m) for m in odd} | {m: partial(_patch_linear, m) for m in patches}
-                   | norms):
+    mlps = _fused_mlps(module) if frozen else {}
+    code = sys.modules[type(module).__module__]
+    rotary = (patch.object(code, "apply_rotary_pos_emb_vision", _compiled(code.apply_rotary_pos_emb_vision))
+              if frozen and hasattr(code, "apply_rotary_pos_emb_vision") and next(module.parameters()).is_cuda
+              else nullcontext())
+    with (_forwards({m: partial(_padded_linear, m) for m in odd} | {m: partial(_patch_linear, m) for m in patches}
+                    | norms | mlps), rotary):
         yield
 
 
