@@ -5,7 +5,7 @@ Python. Here each video goes through the vision tower once (its windows batched)
 and the decode step (all layers, sampling included) is one CUDA graph on the GPU, replayed until every row has
 ended. The G rows of a prompt share its KV cache (cascade attention); a Qwen3.5's linear-attention states are
 copied to its rows. The update's log-probs pack each prompt once with its completions, without a mask tensor. The
-model's own layers do the maths, so greedy outputs equal `generate` token for token and log-probs equal a plain
+model's own modules do the maths, so greedy outputs equal `generate` token for token and log-probs equal a plain
 forward (tests/test_engine.py)."""
 import importlib.util
 import sys
