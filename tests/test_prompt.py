@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from autobuster import tiny
 from autobuster.prompt import ANSWER, BOXED, PROMPT, PROMPT_2026, thinks
 
 
@@ -130,3 +131,12 @@ def test_written_replies_are_well_formed_and_parse(fmt):
         reply = fmt.write("let me think", letter, EXPLAINED)
         assert fmt.well_formed(reply) and fmt.parse(reply) == label
         assert fmt.well_formed(reply[reply.rindex(fmt.anchor):], "no_think")  # stage 2's no_think target
+
+
+@pytest.mark.parametrize("fmt", [ANSWER, BOXED])
+def test_the_tiny_models_warm_start_replies_are_well_formed(fmt):
+    """What a tiny model learns to write before RL is a reply its format accepts (the 2026 one with its think block
+    closed at once, the 50 characters after it met)."""
+    for letter, label in (("A", "real"), ("B", "fake")):
+        reply = tiny.warm_reply(fmt, letter)
+        assert fmt.well_formed(reply) and fmt.parse(reply) == label

@@ -14,7 +14,7 @@ from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from .families import QWEN2_5_VL, QWEN3_5, Family, family_of_model
 from .profiles import MIN_PIXELS
-from .prompt import ANSWER, Format
+from .prompt import ANSWER, BOXED, Format
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
            "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -45,20 +45,32 @@ CHAT_TEMPLATE_3_5 = CHAT_TEMPLATE.replace(
     "<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
     "{% else %}<think>\n{% endif %}{% endif %}")
 
-# The warm start's one line of reasoning. A single fixed line keeps the sampled replies' entropy in the answer
-# letter: random reasoning tokens would add gradient noise that drowns the letter's signal in RL. No token in it
-# repeats, so each token alone says what follows: with "the motion, the colours and the texture" the 2-layer model
-# had to count which "the" it was at, RL's updates broke the count, and runs drifted into loops ("the motion, the
-# colours and the motion, ...", longer replies, slower steps; 0 of 16 runs with this line, BENCHMARKS.md).
+# The warm start's one line of reasoning (the 2025 format must think). A single fixed line keeps the sampled replies'
+# entropy in the answer letter: random reasoning tokens would add gradient noise that drowns the letter's signal in
+# RL. No token in it repeats, so each token alone says what follows: with "the motion, the colours and the texture"
+# the 2-layer model had to count which "the" it was at, RL's updates broke the count, and runs drifted into loops
+# ("the motion, the colours and the motion, ...", longer replies, slower steps; 0 of 16 runs with this line,
+# BENCHMARKS.md).
 THOUGHT = "let me think about motion, colours and texture"
-# The 2026 format's explanation after the think block (50+ characters; no token of the thought repeated).
-CONCLUSION = "So my verdict from every frame I have seen here is"
+# The 2026 format's explanation after the think block: its 50 characters (with the box) in few tokens, no token
+# repeated.
+CONCLUSION = "Having weighed every frame, my verdict is"
+# What the warm start writes per format (thought, conclusion). The 2026 one may leave its think block empty, so it
+# does: DAPO's loss is a mean over tokens, and the fewer tokens a reply has around its letter, the larger the
+# letter's share of the gradient (and the cheaper the step). The tiny Qwen3.5 with the 2025 thought and an 11-word
+# explanation (27 tokens a reply, 15 now) ended RL at val F1 0.72 on average (BENCHMARKS.md).
+WARM_REPLIES = {ANSWER.name: (THOUGHT, ""), BOXED.name: ("", CONCLUSION)}
+
+
+def warm_reply(fmt: Format, letter: str) -> str:
+    thought, conclusion = WARM_REPLIES[fmt.name]
+    return fmt.write(thought, letter, conclusion)
 
 
 def build_tokenizer(fmt: Format = ANSWER) -> Qwen2Tokenizer:
     """A byte-level BPE in Qwen's pre-tokenisation, trained here on the format's prompt and replies."""
     corpus = [fmt.prompt, "You are a helpful assistant.", "system", "user", "assistant", "real", "fake"]
-    corpus += [fmt.write(THOUGHT, x, CONCLUSION) for x in "AB"]
+    corpus += [warm_reply(fmt, x) for x in "AB"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
@@ -154,8 +166,8 @@ def opinion(frames: list, direction: torch.Tensor) -> torch.Tensor:
 
 
 def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 2e-3, log=print) -> None:
-    """Teach the family's format without the task, in place: `<think>{THOUGHT}</think><answer>X</answer>` (2025),
-    `{THOUGHT}</think>\n\n{CONCLUSION} \\boxed{X}` after the opened think block (2026).
+    """Teach the family's format without the task, in place (`warm_reply`): `<think>{THOUGHT}</think><answer>X</answer>`
+    (2025), `</think>\n\n{CONCLUSION} \\boxed{X}` closing the opened think block at once (2026).
 
     The letter never comes from the label: it comes from a label-free "opinion" about the video, learnt softly
     (P = 0.6), so the model writes A for about half the clips, depends on the video, and still samples both
@@ -186,8 +198,8 @@ def warm_start(model_dir: Path, clips, steps: int, batch: int = 16, lr: float = 
         rows = clips.batch(batch)
         prompts = encode(processor, [f for _, f in rows], cap, chat_text(processor, fmt))
         # score each reply with A and with B: the tokens after the letter learn both continuations
-        ids_a, mask = engine.reply_ids(tok, [fmt.write(THOUGHT, "A", CONCLUSION)] * batch)
-        ids_b, _ = engine.reply_ids(tok, [fmt.write(THOUGHT, "B", CONCLUSION)] * batch)
+        ids_a, mask = engine.reply_ids(tok, [warm_reply(fmt, "A")] * batch)
+        ids_b, _ = engine.reply_ids(tok, [warm_reply(fmt, "B")] * batch)
         at = torch.arange(batch), torch.tensor([letter_index(tok, r.tolist(), fmt.anchor) for r in ids_a])
         lp_a = engine.token_logprobs(model, prompts, ids_a)
         lp_b = engine.token_logprobs(model, prompts, ids_b)
