@@ -62,6 +62,8 @@ MAX_NEW_TOKENS = 64 if TINY else 750
 OVERLONG_WINDOW = 16 if TINY else 150  # soft overlong penalty ramps from max - window to max
 TEMPERATURE = 1.0  # sampling temperature; log-probs are divided by the same value
 CLIP_LOW, CLIP_HIGH = 0.2, 0.28  # DAPO's decoupled clip range
+DUAL_CLIP = 3.0  # a token with A < 0 whose ratio has passed this adds no gradient (verl's clip_ratio_c, on in its
+# DAPO): its loss, -A x ratio, has no bound above, and one such token can throw the later mini-batches' steps off
 UPDATES_PER_BATCH = 3 if TINY else 2  # optimizer steps per rollout batch; > 1 adds a no-grad old-log-prob pass
 # over all but the first one's rows (the tiny model's rollouts cost more than its updates: 3 narrowed val F1's
 # spread over eight seeds, BENCHMARKS.md)
@@ -161,11 +163,12 @@ def keep_group(correct: list[float]) -> bool:
 
 
 def dapo_loss(logp, old_logp, adv, mask, n_tokens):
-    """Clipped surrogate per token, summed over valid tokens, divided by the mini-batch's token count
-    (pass the same n_tokens to every micro-batch so the sum of their losses is the mini-batch loss)."""
+    """Clipped surrogate per token (dual-clipped where A < 0), summed over valid tokens, divided by the mini-batch's
+    token count (pass the same n_tokens to every micro-batch so the sum of their losses is the mini-batch loss)."""
     ratio = torch.exp(logp - old_logp)
     a = adv.unsqueeze(1)
     per_token = -torch.min(ratio * a, ratio.clamp(1 - CLIP_LOW, 1 + CLIP_HIGH) * a)
+    per_token = torch.where(a < 0, torch.minimum(per_token, -a * DUAL_CLIP), per_token)
     loss = (per_token * mask).sum() / n_tokens
     clip_low = ((ratio < 1 - CLIP_LOW) & (a < 0) & (mask > 0)).sum()
     clip_high = ((ratio > 1 + CLIP_HIGH) & (a > 0) & (mask > 0)).sum()

@@ -304,6 +304,7 @@ def test_every_update_on_a_rollout_batch_is_against_the_sampling_policy(td, monk
         logp = engine.token_logprobs(ref, prompts, ids[rows], prompt_of_row=prompt_of_row[rows])
         ratio, a = torch.exp(logp - sampler[rows]), adv[rows, None]
         surrogate = torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a)
+        surrogate = torch.where(a < 0, torch.maximum(surrogate, 3.0 * a), surrogate)  # the dual clip
         (-(surrogate * mask[rows]).sum() / mask[rows].sum()).backward()
         with torch.no_grad():
             for p in ref_params:
@@ -337,3 +338,16 @@ def test_train_clips_name_a_generator_none_of_whose_clips_decodes(td, monkeypatc
         assert clips.skipped == 100  # two passes' worth: every clip was tried
     finally:
         clips.close()
+
+
+def test_dual_clip_bounds_the_loss_of_a_negative_advantage(td):
+    """verl's dual clip (c = 3): for A < 0 the token loss is -A min(c, max(r, clip(r))), so a ratio past c adds no
+    gradient; a positive advantage is only clipped high, as before."""
+    logp = torch.log(torch.tensor([[2.0, 4.0], [4.0, 1.0]])).requires_grad_()
+    adv, mask = torch.tensor([-1.0, 1.0]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, _, _ = td.dapo_loss(logp, torch.zeros(2, 2), adv, mask, mask.sum())
+    loss.backward()
+    # tokens: r 2, A -1 -> 2 (unclipped, gradient -r A / 3); r 4, A -1 -> 3 (dual clip); r 4, A 1 -> -1.28
+    assert td.DUAL_CLIP == 3.0
+    assert loss.item() == pytest.approx((2 + 3 - 1.28) / 3, abs=1e-6)
+    assert torch.allclose(logp.grad, torch.tensor([[2 / 3, 0.0], [0.0, 0.0]]), atol=1e-6)

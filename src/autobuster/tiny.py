@@ -57,8 +57,8 @@ THOUGHT = "let me think about motion, colours and texture"
 CONCLUSION = "Having weighed every frame, my verdict is"
 # What the warm start writes per format (thought, conclusion). The 2026 one may leave its think block empty, so it
 # does: DAPO's loss is a mean over tokens, and the fewer tokens a reply has around its letter, the larger the
-# letter's share of the gradient (and the cheaper the step). The tiny Qwen3.5 with the 2025 thought and an 11-word
-# explanation (27 tokens a reply, 15 now) ended RL at val F1 0.72 on average (BENCHMARKS.md).
+# letter's share of the gradient (and the cheaper the step). 15 tokens a reply, where the 2025 thought and an 11-word
+# explanation made 27: val F1 0.76 over five RL seeds against 0.72 over four (0.84 with the dual clip; BENCHMARKS.md).
 WARM_REPLIES = {ANSWER.name: (THOUGHT, ""), BOXED.name: ("", CONCLUSION)}
 
 
