@@ -172,7 +172,8 @@ def dapo_loss(logp, old_logp, adv, mask, n_tokens):
     loss = (per_token * mask).sum() / n_tokens
     clip_low = ((ratio < 1 - CLIP_LOW) & (a < 0) & (mask > 0)).sum()
     clip_high = ((ratio > 1 + CLIP_HIGH) & (a > 0) & (mask > 0)).sum()
-    return loss, clip_low, clip_high
+    clip_dual = ((ratio > DUAL_CLIP) & (a < 0) & (mask > 0)).sum()
+    return loss, clip_low, clip_high, clip_dual
 
 
 class RunningMean:
@@ -329,7 +330,7 @@ def update(model, opt, processor, groups, stats):
         with torch.no_grad():
             for p in micro(later):
                 old[p] = logprobs(p)
-    losses, clip_low, clip_high, norms = [], 0, 0, []
+    losses, clipped, norms = [], torch.zeros(3), []  # tokens clipped low, high, dual
     for i, mini in enumerate(minis):
         n_tokens = distributed.all_sum(mask[mini].sum()).clamp(min=1)  # the global DAPO normaliser
         opt.zero_grad(set_to_none=True)
@@ -337,10 +338,10 @@ def update(model, opt, processor, groups, stats):
         for part in micro(mini):  # none on a rank without rows
             logp = logprobs(part)
             ref = old[part] if i else logp.detach()
-            loss, lo, hi = dapo_loss(logp, ref, adv[part], mask[part], n_tokens)
+            loss, *clips = dapo_loss(logp, ref, adv[part], mask[part], n_tokens)
             loss.backward()
             total += loss.detach()
-            clip_low, clip_high = clip_low + lo.item(), clip_high + hi.item()
+            clipped += torch.stack(clips).cpu()
         distributed.all_sum_grads(trainable)  # explicit, not DDP: the engine calls the unwrapped model
         total = distributed.all_sum(total).item()
         norm = torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
@@ -350,8 +351,7 @@ def update(model, opt, processor, groups, stats):
         opt.step()
         losses.append(total)
         norms.append(norm.item())
-    valid = mask.sum().clamp(min=1).item()
-    return sum(losses) / len(losses), clip_low / valid, clip_high / valid, max(norms)
+    return sum(losses) / len(losses), *(clipped / mask.sum().clamp(min=1).item()).tolist(), max(norms)
 
 
 # ---------------------------------------------------------------- stage 2: thinking-mode fusion
@@ -473,9 +473,9 @@ def main():
         model.eval()
         groups = rollout(model, processor, clips, stats, errors, shares, mixed=stage == 3, scorer=scorer)
         model.train()
-        loss = clip_low = clip_high = grad_norm = 0.0
+        loss = clip_low = clip_high = clip_dual = grad_norm = 0.0
         if distributed.all_max(len(groups)):  # the update's all-reduces need every rank, with groups or not
-            loss, clip_low, clip_high, grad_norm = update(model, opt, processor, groups, stats)
+            loss, clip_low, clip_high, clip_dual, grad_norm = update(model, opt, processor, groups, stats)
         seen = stats["seen"]
         rollouts += len(seen) * GROUP_SIZE
         flat = lambda key: [x for s in seen for x in s[key]]  # noqa: E731
@@ -489,7 +489,7 @@ def main():
                    real_groups=sum(g["label"] == "real" for g in groups), draws=stats["draws"],
                    len_mean=lengths.mean().item(), len_max=int(lengths.max()),
                    truncated=sum(flat("truncated")) / len(rewards), loss=loss, clip_low=clip_low,
-                   clip_high=clip_high, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"],
+                   clip_high=clip_high, clip_dual=clip_dual, grad_norm=grad_norm, lr=opt.param_groups[0]["lr"],
                    rollout_tokens_per_s=stats["rollout_tokens"] / max(stats["rollout_seconds"], 1e-9),
                    step_seconds=dt, skipped_clips=clips.skipped, errors={g: round(e, 3) for g, e in errors.items()})
         rec["stage"] = stage

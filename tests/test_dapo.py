@@ -36,11 +36,11 @@ def _inputs():
 
 def test_loss_value_and_gradient(td):
     logp, old, adv, mask = _inputs()
-    loss, low, high = td.dapo_loss(logp, old, adv, mask, mask.sum())
+    loss, low, high, dual = td.dapo_loss(logp, old, adv, mask, mask.sum())
     loss.backward()
     assert loss.item() == pytest.approx(EXPECTED_LOSS, abs=1e-6)
     assert torch.allclose(logp.grad, torch.tensor(EXPECTED_GRAD), atol=1e-6)
-    assert (low.item(), high.item()) == (2, 2)
+    assert (low.item(), high.item(), dual.item()) == (2, 2, 0)
 
 
 @pytest.mark.parametrize("splits", [[[0, 1, 2]], [[0], [1, 2]], [[0], [1], [2]]])
@@ -60,7 +60,7 @@ def test_everything_masked_gives_zero_loss_and_no_update(td):
     param = torch.nn.Parameter(logp.detach().clone())
     opt = torch.optim.AdamW([param], lr=0.1, weight_decay=0.0)
     mask = torch.zeros(3, 4)
-    loss, _, _ = td.dapo_loss(param, old, adv, mask, mask.sum().clamp(min=1))
+    loss = td.dapo_loss(param, old, adv, mask, mask.sum().clamp(min=1))[0]
     loss.backward()
     before = param.detach().clone()
     opt.step()
@@ -345,9 +345,10 @@ def test_dual_clip_bounds_the_loss_of_a_negative_advantage(td):
     gradient; a positive advantage is only clipped high, as before."""
     logp = torch.log(torch.tensor([[2.0, 4.0], [4.0, 1.0]])).requires_grad_()
     adv, mask = torch.tensor([-1.0, 1.0]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    loss, _, _ = td.dapo_loss(logp, torch.zeros(2, 2), adv, mask, mask.sum())
+    loss, _, high, dual = td.dapo_loss(logp, torch.zeros(2, 2), adv, mask, mask.sum())
     loss.backward()
     # tokens: r 2, A -1 -> 2 (unclipped, gradient -r A / 3); r 4, A -1 -> 3 (dual clip); r 4, A 1 -> -1.28
     assert td.DUAL_CLIP == 3.0
+    assert (high.item(), dual.item()) == (1, 1)  # the masked r 1 token counts in neither
     assert loss.item() == pytest.approx((2 + 3 - 1.28) / 3, abs=1e-6)
     assert torch.allclose(logp.grad, torch.tensor([[2 / 3, 0.0], [0.0, 0.0]]), atol=1e-6)

@@ -65,7 +65,7 @@ def worker(out: Path):
             with torch.no_grad():
                 features = engine.video_features(model, td.collate(processor, mine)[0])
             mine = [g | dict(features=features[i]) for i, g in enumerate(mine)]
-        loss, _, _, norm = td.update(model, opt, processor, mine, {"step": 0})
+        loss, *_, norm = td.update(model, opt, processor, mine, {"step": 0})
         torch.save(dict(loss=loss, norm=norm, before=before, distributed=torch.distributed.is_initialized(),
                         after={n: p.detach().clone() for n, p in trainable.items()}),
                    out / f"{name}-{vision}-{rank}.pt")
